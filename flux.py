@@ -542,42 +542,25 @@ def _meta(cls, config) -> nn.Module:
         return cls(config)
 
 
-class _Checkpoint:
-    """The tensors of one model inside safetensors files (one file, a folder, or shards), read lazily by name.
+class Safetensors:
+    """The tensors of safetensors files (one, or the shards of a model), by name, under an optional key prefix.
 
     Each tensor (or block of rows) is read with one plain file read into its own buffer: no mmap, so the memory
     resident while loading is the model built so far plus the tensor being read, never a second copy."""
 
-    MARKERS = {"flux": {"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
-               "ae": {"bfl": "decoder.up.0.block.0.conv1.weight",
-                      "diffusers": "decoder.up_blocks.0.resnets.0.conv1.weight"}}
-    PREFIXES = ("", "model.diffusion_model.", "denoise_tower.denoiser.", "first_stage_model.", "vae.")
     DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
-    def __init__(self, path: str, kind: str):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist: pass a .safetensors file or a folder that holds them")
-        if os.path.isdir(path):
-            sub = os.path.join(path, "transformer" if kind == "flux" else "vae")  # a diffusers pipeline folder
-            path = sub if os.path.isdir(sub) else path
-            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no .safetensors weights in the folder {path}")
-        else:
-            files = [path]
-        self.folder = path if os.path.isdir(path) else os.path.dirname(path)
-        self.entries = {}  # name -> (file, dtype, shape, byte offset)
+    def __init__(self, files: list[str], prefix: str = ""):
+        self.entries = {}  # full name -> (file, dtype, shape, byte offset)
         for f in files:
             self.entries.update(self._header(f))
-        found = [(p, fmt) for p in self.PREFIXES for fmt, m in self.MARKERS[kind].items() if p + m in self.entries]
-        if not found:
-            what = "FLUX transformer" if kind == "flux" else "FLUX autoencoder"
-            raise ValueError(f"{path}: no {what} weights found in BFL or diffusers layout (looked for "
-                             f"{sorted(self.MARKERS[kind].values())}, optionally under {self.PREFIXES[1:]})")
-        self.prefix, self.format = found[0]
-        self.keys = {k[len(self.prefix) :] for k in self.entries if k.startswith(self.prefix)}
+        self.set_prefix(prefix)
+
+    def set_prefix(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.keys = {k[len(prefix) :] for k in self.entries if k.startswith(prefix)}
 
     def _header(self, f: str) -> dict:
         """The safetensors header: 8 bytes of little-endian length, then JSON {name: {dtype, shape, data_offsets}}."""
@@ -587,11 +570,10 @@ class _Checkpoint:
                 if not 2 <= n <= 100_000_000:
                     raise ValueError(f"header length {n}")
                 header = json.loads(fh.read(n))
-                entries = {k: (f, self.DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0])
-                           for k, v in header.items() if k != "__metadata__"}
+                return {k: (f, self.DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0])
+                        for k, v in header.items() if k != "__metadata__"}
             except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{f} is not a readable safetensors file ({e}); convert .bin/.pt weights first") from e
-        return entries
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[self.prefix + key][2]
@@ -606,6 +588,41 @@ class _Checkpoint:
             fh.seek(offset + a * row_bytes)
             fh.readinto(buf.numpy())
         return buf.view(dtype).reshape((b - a, *shape[1:]) if shape else ())
+
+
+def safetensors_files(path: str, subfolder: str = "") -> list[str]:
+    """The .safetensors files of a file path, or of a folder (its `subfolder`, e.g. transformer/, if it has one)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: pass a .safetensors file or a folder that holds them")
+    if not os.path.isdir(path):
+        return [path]
+    if subfolder and os.path.isdir(os.path.join(path, subfolder)):
+        path = os.path.join(path, subfolder)
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in the folder {path}")
+    return files
+
+
+class _Checkpoint(Safetensors):
+    """A FLUX transformer or autoencoder in any official layout: finds the key prefix and the format (BFL/diffusers)."""
+
+    MARKERS = {"flux": {"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
+               "ae": {"bfl": "decoder.up.0.block.0.conv1.weight",
+                      "diffusers": "decoder.up_blocks.0.resnets.0.conv1.weight"}}
+    PREFIXES = ("", "model.diffusion_model.", "denoise_tower.denoiser.", "first_stage_model.", "vae.")
+
+    def __init__(self, path: str, kind: str):
+        files = safetensors_files(path, "transformer" if kind == "flux" else "vae")
+        super().__init__(files)
+        found = [(p, fmt) for p in self.PREFIXES for fmt, m in self.MARKERS[kind].items() if p + m in self.entries]
+        if not found:
+            what = "FLUX transformer" if kind == "flux" else "FLUX autoencoder"
+            raise ValueError(f"{path}: no {what} weights found in BFL or diffusers layout (looked for "
+                             f"{sorted(self.MARKERS[kind].values())}, optionally under {self.PREFIXES[1:]})")
+        self.set_prefix(found[0][0])
+        self.format = found[0][1]
+        self.folder = os.path.dirname(files[0])
 
     def folder_config(self) -> dict:
         """The diffusers config.json beside the weights, if any: what shapes cannot tell (RoPE axes, groups)."""

@@ -1,0 +1,409 @@
+"""The frozen encoders of UniWorld-V1, through transformers: Qwen2.5-VL, SigLIP, and FLUX's T5 / CLIP text encoders.
+
+- VLMEncoder: Qwen2.5-VL-7B-Instruct; the last-layer hidden state of every token of the prompt (§1.2).
+- SiglipEncoder: siglip2-so400m-patch16-512; 1024 tokens of width 1152 per reference image (§1.3).
+- T5Encoder / ClipPooled: FLUX.1-dev's T5-XXL sequence and CLIP-L pooled vector (inference extras; training
+  uses only CLIP(""), §1.3).
+Every encoder is frozen and stays in eval mode. `load_*` reads real weights (a local folder or a hub id);
+`tiny_*` builds a random, offline, seeded version with the same interface for tests and toy runs.
+"""
+
+import logging
+import os
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from tokenizers import pre_tokenizers
+from transformers import (
+    AddedToken,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+from transformers.utils import logging as hf_logging
+
+logger = logging.getLogger(__name__)
+
+QWEN_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
+SIGLIP_ID = "google/siglip2-so400m-patch16-512"
+FLUX_ID = "black-forest-labs/FLUX.1-dev"
+VLM_PIXELS = 448 * 448  # §5.2: reference images go to Qwen at min = max = 200704 pixels (256 image tokens at 1:1)
+
+IMAGE = "<image>"  # the marker of the official data (§5.1): "Make the car red.\n<image>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+IMAGE_BLOCK = VISION_START + IMAGE_PAD + VISION_END  # one pad per image; tokenize() expands it to the image's N
+
+# Qwen2-VL's chat template (image and text parts), for the tiny tokenizer; real checkpoints bring their own.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class Frozen(nn.Module):
+    """Base of the encoders: no parameter takes a gradient, and .train() leaves them in eval mode."""
+
+    def freeze(self):
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # the VLM, SigLIP, T5 and CLIP are frozen in both stages (§1.2)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers() if self.model is None else self.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL
+
+
+class VLMEncoder(Frozen):
+    """Qwen2.5-VL as UniWorld's condition encoder: the last hidden state (after the final norm) of every token."""
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, tokenizer, image_processor, pixels: int = VLM_PIXELS):
+        super().__init__()
+        self.model, self.tokenizer, self.image_processor, self.pixels = model, tokenizer, image_processor, pixels
+        self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.vision_end_id = tokenizer.convert_tokens_to_ids(VISION_END)  # the j-th one closes the j-th image
+        self.freeze()
+
+    def prompt(self, instruction: str, n_images: int, train: bool = True) -> str:
+        """The prompt string before the image pads are expanded, built as the official code builds it (§5.2)."""
+        if train:  # Qwen2VLPrompter.get_train_prompt: no system turn; the answer <gen_image> becomes <|vision_start|>
+            if instruction.count(IMAGE) != n_images:
+                raise ValueError(
+                    f"training instructions mark each image with {IMAGE} where it goes (e.g. 'Make the car red.\\n"
+                    f"<image>'); got {instruction.count(IMAGE)} markers for {n_images} images in {instruction!r}"
+                )
+            user = instruction.replace(IMAGE, IMAGE_BLOCK)
+            return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n{VISION_START}"
+        if IMAGE in instruction:  # app.py / cli.py: the text first, then the images
+            raise ValueError(f"at inference the images follow the instruction; remove the {IMAGE} markers")
+        content = [{"type": "text", "text": instruction}] + [{"type": "image"}] * n_images
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        if text.startswith(f"{IM_START}system"):  # official: drop the default system block
+            text = text.split(f"{IM_END}\n", 1)[1]
+        return text
+
+    def tokenize(self, instructions: list[str], images: list[list[Image.Image]], train: bool = True) -> dict:
+        """Prompts, images -> left-padded model inputs; each image's pad becomes grid.prod() / merge² pads."""
+        if len(instructions) != len(images):
+            raise ValueError(f"got {len(instructions)} instructions but {len(images)} image lists; give one per sample")
+        texts = [self.prompt(text, len(imgs), train) for text, imgs in zip(instructions, images, strict=True)]
+        batch = {}
+        flat = [img.convert("RGB") for imgs in images for img in imgs]
+        if flat:
+            size = {"shortest_edge": self.pixels, "longest_edge": self.pixels}  # min = max pixels
+            px = self.image_processor(images=flat, size=size, return_tensors="pt")
+            batch.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])  # (sum hw, 1176), (N, 3)
+            counts = iter((px["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist())
+            texts = [_expand_pads(text, [next(counts) for _ in imgs]) for text, imgs in zip(texts, images, strict=True)]
+        tok = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")  # official: left padding
+        batch.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        batch["mm_token_type_ids"] = (tok["input_ids"] == self.image_pad_id).int()  # 1 on image tokens (M-RoPE)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def forward(self, instructions: list[str], images: list[list[Image.Image]], train: bool = True):
+        """-> hidden (B, L, D), attention_mask (B, L), input_ids (B, L); rows are left-padded.
+
+        Image j of row b ends at the j-th `vision_end_id` in input_ids[b] (§1.3: its SigLIP tokens go right before).
+        """
+        batch = self.tokenize(instructions, images, train)
+        qwen = self.model.model  # ViT + text decoder, no lm_head
+        ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw")
+        # M-RoPE positions that skip the left padding (also for text-only rows, as transformers 4.50 did)
+        pos, _ = qwen.get_rope_index(ids, batch["mm_token_type_ids"], grid, attention_mask=mask)  # (3, B, L)
+        out = qwen(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=batch.get("pixel_values"),
+                   image_grid_thw=grid, use_cache=False)
+        return out.last_hidden_state, mask, ids
+
+    @torch.no_grad()
+    def answer(self, question: str, images: list[Image.Image] = (), max_new_tokens: int = 128) -> str:
+        """Understanding mode: plain Qwen2.5-VL generation with the inference prompt (app.py, max_new_tokens 128)."""
+        batch = self.tokenize([question], [list(images)], train=False)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens)
+        return self.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def save_pretrained(self, folder: str):
+        """Write the Qwen hub layout: config, weights, tokenizer, chat template, preprocessor config."""
+        for part in (self.model, self.tokenizer, self.image_processor):
+            part.save_pretrained(folder)
+
+
+def _expand_pads(text: str, counts: list[int]) -> str:
+    """Replace the k-th <|image_pad|> with counts[k] of them, as Qwen2_5_VLProcessor does."""
+    pieces = text.split(IMAGE_PAD)  # one more piece than images
+    return pieces[0] + "".join(IMAGE_PAD * n + piece for n, piece in zip(counts, pieces[1:], strict=True))
+
+
+def load_vlm(path_or_id: str = QWEN_ID, pixels: int = VLM_PIXELS, dtype: torch.dtype | None = None) -> VLMEncoder:
+    """Qwen2.5-VL from a Qwen folder, a UniWorld-V1 release folder (denoise_tower.* keys skipped) or a hub id."""
+    fields, _ = Qwen2_5_VLConfig.get_config_dict(path_or_id, **_source(path_or_id, "Qwen2.5-VL"))
+    config = None
+    if fields.get("model_type") == "univa_qwen2p5vl":  # §2.2: unknown to transformers; its fields are Qwen's
+        config = Qwen2_5_VLConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+    model = _load(Qwen2_5_VLForConditionalGeneration, path_or_id, config=config, dtype=dtype,
+                  ignore=("denoise_tower.",))
+    local = os.path.isdir(path_or_id)
+    tokenizer = Qwen2Tokenizer.from_pretrained(path_or_id, local_files_only=local)
+    if tokenizer.chat_template is None:  # a folder that keeps it only in the processor's chat_template.json
+        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path_or_id, local_files_only=local)
+    return VLMEncoder(model, tokenizer, image_processor, pixels)
+
+
+def tiny_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, words: list[str] | None = None,
+             pixels: int = 56 * 56) -> VLMEncoder:
+    """A random Qwen2.5-VL with a byte-level tokenizer (+ optional whole-word tokens); 56² pixels = 4 image tokens."""
+    tok = Qwen2Tokenizer(vocab=_byte_vocab(), merges=[], unk_token="<|endoftext|>", eos_token=IM_END,
+                         pad_token="<|endoftext|>")
+    specials = [IM_START, VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    _add_words(tok, words)
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    ids = tok.convert_tokens_to_ids
+    half = hidden // 4 // 2  # 4 heads; M-RoPE splits head_dim / 2 over (t, h, w) like 7B's [16, 24, 24]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=None,
+            eos_token_id=ids(IM_END), pad_token_id=ids("<|endoftext|>"),
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                             "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=hidden,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids(IMAGE_PAD), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids(VISION_START), vision_end_token_id=ids(VISION_END))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return VLMEncoder(model, tok, Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels), pixels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SigLIP
+
+
+class SiglipEncoder(Frozen):
+    """SigLIP vision tower: last_hidden_state (after post-layernorm, no pooling head) of each image (§1.3)."""
+
+    def __init__(self, model: SiglipVisionModel, image_processor):
+        super().__init__()
+        self.model, self.image_processor = model, image_processor
+        self.size = model.config.image_size  # 512 for siglip2-so400m-patch16-512
+        self.tokens = (self.size // model.config.patch_size) ** 2  # 1024
+        self.freeze()
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """Squash to size² (no crop), rescale 1/255, normalise with mean = std = 0.5: (N, 3, S, S) in [-1, 1]."""
+        size = {"height": self.size, "width": self.size}
+        rgb = [img.convert("RGB") for img in images]
+        return self.image_processor(images=rgb, size=size, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def forward(self, images: list[Image.Image]) -> torch.Tensor:
+        """-> (N, T, C): T = (size / patch)², C = hidden (1024, 1152 at full size); (0, T, C) for no images."""
+        if not images:
+            width = self.model.config.hidden_size
+            return torch.zeros(0, self.tokens, width, device=self.device, dtype=self.model.dtype)
+        pixels = self.preprocess(images).to(self.device, self.model.dtype)
+        return self.model(pixel_values=pixels).last_hidden_state
+
+    def save_pretrained(self, folder: str):
+        """Write the SigLIP hub layout: config, weights, preprocessor config."""
+        self.model.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+
+
+def load_siglip(path_or_id: str = SIGLIP_ID, dtype: torch.dtype | None = None) -> SiglipEncoder:
+    """SigLIP from a folder or hub id; a full SiglipModel checkpoint (model_type siglip) gives its vision tower."""
+    model = _load(SiglipVisionModel, path_or_id, dtype=dtype, ignore=("text_model.", "logit_scale", "logit_bias"))
+    image_processor = SiglipImageProcessorPil.from_pretrained(path_or_id, local_files_only=os.path.isdir(path_or_id))
+    return SiglipEncoder(model, image_processor)
+
+
+def tiny_siglip(seed: int = 0, hidden: int = 32, image_size: int = 64, patch: int = 16,
+                layers: int = 2) -> SiglipEncoder:
+    """A random SigLIP vision tower: (N, (image_size / patch)², hidden) = (N, 16, 32) by default."""
+    config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                num_attention_heads=2, image_size=image_size, patch_size=patch, vision_use_head=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = SiglipVisionModel(config)
+    return SiglipEncoder(model, SiglipImageProcessorPil(size={"height": image_size, "width": image_size}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX text encoders (diffusers FLUX.1-dev layout: text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/)
+
+
+class ClipPooled(Frozen):
+    """CLIP-L pooler_output (EOS token, no projection), 77 tokens padded to max length; zeros without weights."""
+
+    def __init__(self, model: CLIPTextModel | None = None, tokenizer=None, dim: int = 768):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.dim = model.config.hidden_size if model is not None else dim
+        self.register_buffer("zero", torch.zeros(self.dim), persistent=False)
+        if model is None:
+            logger.warning("no CLIP weights: the pooled prompt vector is zeros (%d); the official recipe uses "
+                           "CLIP-L('')", dim)
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """-> (B, dim); training always feeds [""] (§1.3)."""
+        if self.model is None:
+            return self.zero.expand(len(prompts), -1)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")["input_ids"].to(self.device)
+        return self.model(input_ids=ids).pooler_output
+
+    def save_pretrained(self, folder: str):
+        """Write text_encoder/ and tokenizer/ under `folder`, as in the FLUX.1-dev repo."""
+        if self.model is None:
+            raise ValueError("this ClipPooled has no weights (zero pooled vector); there is nothing to save")
+        self.model.save_pretrained(os.path.join(folder, "text_encoder"))
+        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+
+
+class T5Encoder(Frozen):
+    """T5-XXL encoder last_hidden_state, padded to max_length and run with attention_mask=None as BFL does."""
+
+    def __init__(self, model: T5EncoderModel, tokenizer, max_length: int = 512):
+        super().__init__()
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length  # 512 dev; 256 in app.py/cli.py
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """-> (B, max_length, d_model); the padding tokens are encoded and kept, unmasked."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")["input_ids"].to(self.device)
+        return self.model(input_ids=ids).last_hidden_state
+
+    def save_pretrained(self, folder: str):
+        """Write text_encoder_2/ and tokenizer_2/ under `folder`, as in the FLUX.1-dev repo."""
+        self.model.save_pretrained(os.path.join(folder, "text_encoder_2"))
+        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer_2"))
+
+
+def load_clip(path_or_id: str = FLUX_ID, dtype: torch.dtype | None = None, subfolders=("text_encoder", "tokenizer")):
+    """CLIP-L text encoder of a FLUX folder or hub id (subfolders=("", "") for a plain CLIP folder)."""
+    model = _load(CLIPTextModel, path_or_id, subfolder=subfolders[0], dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder=subfolders[1],
+                                              local_files_only=os.path.isdir(path_or_id))
+    return ClipPooled(model, tokenizer)
+
+
+def load_t5(path_or_id: str = FLUX_ID, max_length: int = 512, dtype: torch.dtype | None = None,
+            subfolders=("text_encoder_2", "tokenizer_2")) -> T5Encoder:
+    """T5-XXL encoder of a FLUX folder or hub id (subfolders=("", "") for a plain T5 folder)."""
+    model = _load(T5EncoderModel, path_or_id, subfolder=subfolders[0], dtype=dtype)
+    tokenizer = T5Tokenizer.from_pretrained(path_or_id, subfolder=subfolders[1],
+                                            local_files_only=os.path.isdir(path_or_id))
+    return T5Encoder(model, tokenizer, max_length)
+
+
+def tiny_clip(seed: int = 0, hidden: int = 32, layers: int = 2, words: list[str] | None = None) -> ClipPooled:
+    """A random CLIP text encoder with a byte-level tokenizer (77 tokens; pooled width = hidden)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_vocab():  # CLIP's BPE marks the end of a word with </w>
+        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    _add_words(tok, words)
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    return ClipPooled(model, tok)
+
+
+def tiny_t5(seed: int = 0, d_model: int = 32, layers: int = 2, max_length: int = 16,
+            words: list[str] | None = None) -> T5Encoder:
+    """A random T5 v1.1 encoder with a character-level unigram tokenizer: (B, max_length, d_model)."""
+    chars = [chr(c) for c in range(33, 127)]  # printable ASCII; "▁" marks a word start, as in sentencepiece
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    tok = T5Tokenizer(vocab=pieces + [(c, -3.0) for c in chars] + [("▁" + c, -3.5) for c in chars], extra_ids=0)
+    _add_words(tok, words)
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=layers,
+                      num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    return T5Encoder(model, tok, max_length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading helpers
+
+
+def _source(path_or_id: str, what: str, subfolder: str = "") -> dict:
+    """from_pretrained kwargs: a local folder never touches the network; a missing path is an error, not a hub id."""
+    if os.path.isdir(path_or_id):
+        if not os.path.isfile(os.path.join(path_or_id, subfolder, "config.json")):
+            raise FileNotFoundError(f"{what}: no config.json in {os.path.join(path_or_id, subfolder)!r}; "
+                                    f"pass the folder of a saved checkpoint")
+        return {"local_files_only": True}
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(f"{what}: no folder at {path_or_id!r}; pass a local checkpoint folder or a hub id "
+                                f"('organisation/name', e.g. {QWEN_ID!r})")
+    return {}  # a hub id: huggingface_hub downloads (or finds it in its cache)
+
+
+def _load(cls, path_or_id: str, subfolder: str = "", dtype=None, ignore: tuple[str, ...] = (), **kwargs):
+    """cls.from_pretrained with our own key report: missing weights are an error; keys under `ignore` are expected."""
+    kwargs.update(_source(path_or_id, cls.__name__, subfolder))
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its LOAD REPORT would list e.g. the release's denoise_tower.* keys as UNEXPECTED
+    try:
+        model, info = cls.from_pretrained(path_or_id, subfolder=subfolder, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ValueError(f"{path_or_id}: {len(info['missing_keys'])} weights of {cls.__name__} are missing (e.g. "
+                         f"{sorted(info['missing_keys'])[:3]}); is this the right checkpoint?")
+    skipped = [k for k in info["unexpected_keys"] if k.startswith(ignore)]
+    other = sorted(set(info["unexpected_keys"]) - set(skipped))
+    if skipped:
+        logger.info("%s: skipped %d keys that %s does not use (%s...)", path_or_id, len(skipped), cls.__name__, ignore)
+    if other:
+        logger.warning("%s: %d unexpected keys ignored by %s, e.g. %s", path_or_id, len(other), cls.__name__, other[:3])
+    return model
+
+
+def _byte_vocab() -> dict[str, int]:
+    """The 256 byte-level characters of GPT-2 style BPE, no merges: any text round-trips."""
+    return {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+
+
+def _add_words(tokenizer, words: list[str] | None):
+    """Whole words as single tokens (a toy world's vocabulary), matched only at word boundaries."""
+    if words:
+        tokenizer.add_tokens([AddedToken(w, single_word=True) for w in words])

@@ -1,0 +1,258 @@
+"""UniWorld-V1 (Lin et al. 2025, §3): a frozen VLM and a frozen SigLIP condition FLUX through two MLP connectors.
+
+    instruction + reference image(s) --> Qwen2.5-VL (frozen) --> last hidden state of every token (L, 3584)
+                                                                   | denoise_projector: 3584 -> 12288 -> SiLU -> 4096
+    reference image(s) --> SigLIP (frozen) --> (1024, 1152) each  |
+                             | siglip_projector: 1152 -> 12288 -> SiLU -> 4096 (FLUX Redux's shape)
+                             +--> inserted before that image's <|vision_end|> in the VLM stream
+    FLUX text stream = [VLM tokens with SigLIP blocks] (+ T5 at inference), ids all zero; pooled = CLIP
+    FLUX image stream = packed noisy VAE latents of the target only: no reference latents (the paper's point)
+
+Training is rectified flow on the target's latents, weighted per latent pixel by the edit mask (§3.5, masks.py).
+Stage 1 trains the denoise_projector alone; stage 2 adds the siglip_projector and FLUX's image-branch attention
+and modulation in all 57 blocks (§3.2, §3.3). Stage 0 exists only for the toy world: it trains the whole
+denoiser from scratch, standing in for FLUX.1's own pretraining.
+"""
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+import flux
+from encoders import VLM_PIXELS, ClipPooled, SiglipEncoder, T5Encoder, VLMEncoder, load_vlm
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen side: instruction and reference images -> per-sample features (cacheable, since nothing here trains)
+
+
+@dataclass
+class Encoders:
+    """The frozen encoders. `siglip` is None in stage 1 (official: no SigLIP tokens); `ae` maps pixels to latents."""
+
+    vlm: VLMEncoder
+    siglip: SiglipEncoder | None = None
+    ae: flux.AutoEncoder | None = None
+    clip: ClipPooled | None = None
+    t5: T5Encoder | None = None
+
+    @torch.no_grad()
+    def features(self, instructions: list[str], images: list[list], train: bool = True) -> list[dict]:
+        """One dict per sample: `vlm` (L, D) hidden states without padding, `vision_end` (n_img,) the position of
+        each image's <|vision_end|> in them, and `siglip` (n_img, T, C) or None."""
+        hidden, mask, ids = self.vlm(instructions, images, train)  # (B, L, D), left-padded
+        flat = [im for ims in images for im in ims]
+        sig = self.siglip(flat) if self.siglip is not None and flat else None  # (sum n_img, T, C)
+        out, k = [], 0
+        for b, ims in enumerate(images):
+            keep = mask[b].bool()
+            vision_end = (ids[b, keep] == self.vlm.vision_end_id).nonzero()[:, 0]
+            assert len(vision_end) == len(ims), "one <|vision_end|> per reference image"
+            out.append({"vlm": hidden[b, keep], "vision_end": vision_end,
+                        "siglip": None if sig is None else sig[k : k + len(ims)]})
+            k += len(ims)
+        return out
+
+    @torch.no_grad()
+    def pooled(self, prompts: list[str], dim: int = 768) -> Tensor:
+        """The pooled vector y: CLIP-L of the prompt ("" in training, §1.3), or zeros (B, dim) without CLIP weights."""
+        if self.clip is None:
+            self.clip = ClipPooled(dim=dim)  # warns once that the pooled vector is zeros
+        return self.clip(prompts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trained side: connectors, condition stream, rectified-flow loss
+
+
+def connector(d_in: int, d_out: int) -> nn.Sequential:
+    """Linear -> SiLU -> Linear, 3x wide (official "mlp2x_gelu", which is in fact SiLU)."""
+    return nn.Sequential(nn.Linear(d_in, 3 * d_out), nn.SiLU(), nn.Linear(3 * d_out, d_out))
+
+
+class UniWorld(nn.Module):
+    """The official `denoise_tower`: the FLUX denoiser and the two connectors into its text stream."""
+
+    def __init__(self, denoiser: flux.Flux, vlm_dim: int = 3584, siglip_dim: int = 1152):
+        super().__init__()
+        ctx = denoiser.config.context_in_dim
+        self.denoiser = denoiser
+        self.denoise_projector = connector(vlm_dim, ctx)
+        self.siglip_projector = connector(siglip_dim, ctx)
+
+    def text_stream(self, features: list[dict], t5: Tensor | None = None) -> Tensor:
+        """Per-sample features -> FLUX text tokens (B, L, ctx), left-padded with zeros (§1.3).
+
+        Sample layout: ... <|vision_start|> [Qwen image tokens] [SigLIP tokens of that image] <|vision_end|> ...
+        Optional T5 tokens (B, L_t5, ctx) are appended at inference; text ids are zero, so order does not matter."""
+        rows = []
+        for b, f in enumerate(features):
+            vlm = self.denoise_projector(f["vlm"])  # (L, ctx)
+            pieces, start = [], 0
+            if f.get("siglip") is not None:
+                sig = self.siglip_projector(f["siglip"])  # (n_img, T, ctx)
+                for j, end in enumerate(f["vision_end"].tolist()):
+                    pieces += [vlm[start:end], sig[j]]
+                    start = end
+            pieces.append(vlm[start:])
+            if t5 is not None:
+                pieces.append(t5[b].to(vlm.dtype))
+            rows.append(torch.cat(pieces))
+        length = max(len(r) for r in rows)
+        return torch.stack([F.pad(r, (0, 0, length - len(r), 0)) for r in rows])  # official: zeros on the left
+
+    def velocity(self, x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: float) -> Tensor:
+        """FLUX's velocity prediction for latents x (B, C, h, w) at noise level sigma (B,) -> (B, C, h, w)."""
+        B, _, h, w = x.shape
+        g = torch.full((B,), guidance, device=x.device, dtype=x.dtype)
+        v = self.denoiser(flux.pack(x), flux.image_ids(h, w, device=x.device), txt,
+                          flux.text_ids(txt.shape[1], device=x.device), sigma.to(x.dtype), y, g)
+        return flux.unpack(v, h, w)
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        """Rectified flow on the target latents, weighted per latent pixel (§3.1, §3.5).
+
+        batch: `latents` (B, C, h, w), `features` (list of B dicts), `pooled` (B, vec), and optionally
+        `weights` (B, 1, h, w) from masks.py and `valid` (B, 1, h, w), 0 on padded latent pixels."""
+        x0 = batch["latents"]
+        B, _, h, w = x0.shape
+        sigma = sample_sigmas(B, h * w // 4, generator, x0.device)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        s = sigma.view(B, 1, 1, 1).to(x0.dtype)
+        x_t = (1 - s) * x0 + s * noise
+        pred = self.velocity(x_t, sigma, self.text_stream(batch["features"]), batch["pooled"], guidance=1.0)
+        return weighted_mse(pred, noise - x0, batch.get("weights"), batch.get("valid"))
+
+
+def sample_sigmas(batch: int, image_seq_len: int, generator=None, device=None) -> Tensor:
+    """sigma = sigmoid(N(0, 1)) (logit-normal), then FLUX's resolution shift with mu from the token count (§3.1)."""
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    return flux.time_shift(flux.resolution_mu(image_seq_len), sigma)
+
+
+def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+    """mean(w * (pred - target)^2) over channels and non-padded latent pixels; w, valid (B, 1, h, w) broadcast
+    over the C latent channels (official: the mask weights each latent pixel, before 2x2 packing)."""
+    err = (pred.float() - target.float()).pow(2)  # (B, C, h, w)
+    w = torch.ones_like(err[:, :1]) if weights is None else weights.float()
+    valid = torch.ones_like(w) if valid is None else valid.float()
+    return (err * w * valid).sum() / (valid.sum() * err.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training stages: which parameters learn (§3.2, §3.3)
+
+STAGES = {
+    0: r"denoiser\.|denoise_projector\.|siglip_projector\.",  # toy only: FLUX's pretraining, from scratch
+    1: r"denoise_projector\.",
+    2: r"denoise_projector\.|siglip_projector\.|denoiser\.double_blocks\.\d+\.img_(attn|mod)\."
+       r"|denoiser\.single_blocks\.\d+\.(qkv|norm|modulation)\.",  # image branch: attention + modulation
+}
+
+
+def set_stage(model: UniWorld, stage: int) -> list[str]:
+    """Make exactly the stage's parameters trainable and freeze the rest; returns the trainable names."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage}: use 1 or 2 (0 = toy pretraining of the whole denoiser)")
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(re.match(STAGES[stage], name) is not None)
+        names += [name] if p.requires_grad else []
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official weights: the LanguageBind/UniWorld-V1 release layout, the Redux initialisation of the SigLIP connector
+
+
+def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True,
+                  vlm_pixels: int = VLM_PIXELS) -> tuple[UniWorld, VLMEncoder | None]:
+    """The release folder (model-*.safetensors + index): denoise_tower.* -> UniWorld; visual/model/lm_head -> VLM.
+
+    Every tensor is read from disk straight into the model built on the meta device (flux.Safetensors)."""
+    denoiser = flux.load_flux(path, dtype=dtype, device=device)  # finds the denoise_tower.denoiser. prefix
+    st = flux.Safetensors(flux.safetensors_files(path), prefix="denoise_tower.")
+    needed = [f"{c}.{i}.{p}" for c in ("denoise_projector", "siglip_projector") for i in (0, 2)
+              for p in ("weight", "bias")]
+    if missing := [k for k in needed if k not in st.keys]:
+        raise ValueError(f"{path}: not a UniWorld-V1 checkpoint, missing denoise_tower.{{{', '.join(missing)}}}")
+    skipped = sorted(k for k in st.keys if k.startswith("vae_projector."))
+    if skipped:  # built but unused in the release (it serves joint_ref_feature_as_condition, which is off)
+        log.info("skipping the unused denoise_tower.vae_projector (%d tensors)", len(skipped))
+    with torch.device("meta"):
+        model = UniWorld(denoiser, st.shape("denoise_projector.0.weight")[1], st.shape("siglip_projector.0.weight")[1])
+    state = {k: st.read(k).to(device=device or "cpu", dtype=dtype) for k in needed}
+    state.update({f"denoiser.{k}": v for k, v in denoiser.state_dict().items()})
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval(), (load_vlm(path, pixels=vlm_pixels, dtype=dtype) if with_vlm else None)
+
+
+def load_siglip_projector(model: UniWorld, path: str) -> None:
+    """Initialise the SigLIP connector from FLUX Redux (redux_up/redux_down) or flux-redux-siglipv2-512.bin (§3.3)."""
+    if path.endswith(".safetensors"):
+        st = flux.Safetensors([path])
+        names = {"0": "redux_up", "2": "redux_down"} if "redux_up.weight" in st.keys else None
+        if names is None:
+            st.set_prefix("denoise_tower.siglip_projector.")
+            names = {"0": "0", "2": "2"}
+        state = {f"{i}.{p}": st.read(f"{n}.{p}") for i, n in names.items() for p in ("weight", "bias")
+                 if f"{n}.{p}" in st.keys}
+    else:  # the official .bin: a pickle, so only ever opened with weights_only
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module.").removeprefix("denoise_tower.siglip_projector."): v for k, v in raw.items()}
+    if sorted(state) != ["0.bias", "0.weight", "2.bias", "2.weight"]:
+        raise ValueError(f"{path}: expected redux_up/redux_down or denoise_tower.siglip_projector.{{0,2}} weights, "
+                         f"found {sorted(state)[:6]}")
+    model.siglip_projector.load_state_dict(state)
+
+
+def release_state_dict(model: UniWorld, vlm: VLMEncoder | None = None) -> dict[str, Tensor]:
+    """Our weights under the release names: Qwen in the legacy layout, FLUX in diffusers' (denoise_tower.denoiser.)."""
+    out = {}
+    if vlm is not None:  # transformers 5 names -> the transformers 4.50 names of the release
+        for k, v in vlm.model.state_dict().items():
+            out[re.sub(r"^model\.language_model\.", "model.", re.sub(r"^model\.visual\.", "visual.", k))] = v
+    out.update({f"denoise_tower.denoiser.{k}": v for k, v in flux.flux_state_dict(model.denoiser, "diffusers").items()})
+    for name in ("denoise_projector", "siglip_projector"):
+        out.update({f"denoise_tower.{name}.{k}": v for k, v in getattr(model, name).state_dict().items()})
+    return out
+
+
+def save_release(model: UniWorld, folder: str, vlm: VLMEncoder | None = None, shard_bytes: int = 5 * 2**30) -> None:
+    """Write the release layout: model-0000i-of-0000n.safetensors shards, their index, the config and tokenizer."""
+    os.makedirs(folder, exist_ok=True)
+    shards, size, seen = [{}], 0, set()
+    for k, v in release_state_dict(model, vlm).items():
+        if size and size + v.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        v = v.detach().contiguous()
+        shards[-1][k] = v.clone() if v.data_ptr() in seen else v  # tied weights are written twice
+        seen.add(v.data_ptr())
+        size += v.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    config = {**(vlm.model.config.to_dict() if vlm is not None else {}), "model_type": "univa_qwen2p5vl",
+              "architectures": ["UnivaQwen2p5VLForConditionalGeneration"]}
+    c = model.denoiser.config
+    config["denoise_tower"] = {"denoiser_type": "flux", "denoise_projector_type": "mlp2x_gelu",
+                               "input_hidden_size": model.denoise_projector[0].in_features,
+                               "output_hidden_size": c.context_in_dim}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    if vlm is not None:
+        vlm.tokenizer.save_pretrained(folder)
+        vlm.image_processor.save_pretrained(folder)

@@ -1,0 +1,169 @@
+"""model.py: the condition stream token by token, the weighted rectified-flow loss, the stages (also at full size on
+the meta device), and the release layout round trip."""
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import flux
+import model as M
+from encoders import tiny_siglip, tiny_vlm
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    enc = M.Encoders(vlm=tiny_vlm(seed=0), siglip=tiny_siglip(seed=0))
+    uw = M.UniWorld(flux.Flux(flux.FLUX_CONFIGS["tiny"]), vlm_dim=64, siglip_dim=32)
+    return enc, uw
+
+
+def images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(48, 64, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_condition_stream_layout(world):
+    enc, uw = world
+    instr = ["Make the car red.\n<image>", "Blend these <image> and <image> into one picture"]
+    feats = enc.features(instr, [images(1), images(2, seed=1)])
+    with torch.no_grad():
+        txt = uw.text_stream(feats)
+    lengths = []
+    for b, f in enumerate(feats):
+        n_img, T = f["siglip"].shape[:2]
+        assert n_img == b + 1 and T == 16 and len(f["vision_end"]) == n_img
+        with torch.no_grad():
+            vlm, sig = uw.denoise_projector(f["vlm"]), uw.siglip_projector(f["siglip"])
+        # hand-built: each image's SigLIP block sits right before that image's <|vision_end|>
+        expected, start = [], 0
+        for j, end in enumerate(f["vision_end"].tolist()):
+            expected += [vlm[start:end], sig[j]]
+            start = end
+        expected = torch.cat(expected + [vlm[start:]])
+        lengths.append(len(expected))
+        row = txt[b, txt.shape[1] - len(expected) :]
+        assert torch.equal(row, expected)
+        assert (txt[b, : txt.shape[1] - len(expected)] == 0).all()  # left padding with zeros
+        # the token after each inserted block is the projected <|vision_end|> hidden state
+        for j, end in enumerate(f["vision_end"].tolist()):
+            pos = txt.shape[1] - len(expected) + end + (j + 1) * T
+            assert torch.equal(txt[b, pos], vlm[end])
+    assert txt.shape == (2, max(lengths), 32) and lengths[0] != lengths[1]
+
+
+def test_text_ids_are_zero_so_token_order_does_not_matter(world):
+    enc, uw = world
+    feats = enc.features(["Make it blue <image>"], [images(1)])
+    with torch.no_grad():
+        txt = uw.text_stream(feats)
+        x, sigma, y = torch.randn(1, 16, 8, 8), torch.tensor([0.5]), torch.randn(1, 16)
+        v = uw.velocity(x, sigma, txt, y, guidance=1.0)
+        v_perm = uw.velocity(x, sigma, txt[:, torch.randperm(txt.shape[1])], y, guidance=1.0)
+    assert torch.allclose(v, v_perm, atol=1e-5)
+
+
+def test_weighted_mse_matches_hand_computation():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 1.0]]]]).repeat(1, 2, 1, 1)  # (2, 2, 2, 2)
+    target = torch.zeros_like(pred)
+    weights = torch.tensor([[[[1.0, 3.0], [1.0, 1.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])  # (2, 1, 2, 2)
+    valid = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])  # sample 2: bottom row padded
+    # per channel: sample 1 -> 1 + 3*4 + 9 + 16 = 38; sample 2 -> 0 + 0 (padded pixels dropped); 2 channels
+    expected = 2 * 38 / (6 * 2)
+    assert M.weighted_mse(pred, target, weights, valid).item() == pytest.approx(expected)
+    assert M.weighted_mse(pred, target).item() == pytest.approx((1 + 4 + 9 + 16 + 1) / 8)
+
+
+def test_sigmas_are_shifted_logit_normal():
+    g = torch.Generator().manual_seed(0)
+    s256, s4096 = M.sample_sigmas(20000, 256, g), M.sample_sigmas(20000, 4096, torch.Generator().manual_seed(0))
+    assert 0 < s256.min() and s256.max() < 1
+    assert s256.median().item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item(), abs=0.02)  # shift e^0.5
+    assert (s4096 > s256).all()  # larger images are pushed toward noise
+
+
+def test_loss_is_finite_and_falls_on_a_repeated_batch(world):
+    enc, uw = world
+    uw = M.UniWorld(flux.Flux(flux.FLUX_CONFIGS["tiny"]), vlm_dim=64, siglip_dim=32)
+    feats = enc.features(["Make it red <image>", "Remove the dog <image>"], [images(1), images(1, seed=2)])
+    batch = {"latents": torch.randn(2, 16, 8, 8), "features": feats, "pooled": enc.pooled(["", ""], dim=16),
+             "weights": torch.ones(2, 1, 8, 8).index_fill_(2, torch.tensor([2, 3]), 3.0)}
+    M.set_stage(uw, 0)
+    opt = torch.optim.AdamW([p for p in uw.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = uw.loss(batch, generator=torch.Generator().manual_seed(0))  # same noise and sigma each step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda x: x == x and x < float("inf"), losses))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_stages_train_exactly_their_parameters(world):
+    _, uw = world
+    assert M.set_stage(uw, 1) == [n for n, _ in uw.named_parameters() if n.startswith("denoise_projector.")]
+    names = set(M.set_stage(uw, 2))
+    expected = {n for n, _ in uw.named_parameters() if n.startswith(("denoise_projector.", "siglip_projector."))}
+    for i in range(2):
+        expected |= {n for n, _ in uw.named_parameters()
+                     if n.startswith((f"denoiser.double_blocks.{i}.img_attn.", f"denoiser.double_blocks.{i}.img_mod."))}
+        for part in ("qkv", "norm", "modulation"):
+            expected |= {n for n, _ in uw.named_parameters() if n.startswith(f"denoiser.single_blocks.{i}.{part}.")}
+    assert names == expected
+    frozen = {n for n, p in uw.named_parameters() if not p.requires_grad}
+    assert "denoiser.single_blocks.0.mlp_in.weight" in frozen
+    assert "denoiser.double_blocks.0.txt_attn.qkv.weight" in frozen
+    assert "denoiser.single_blocks.0.linear2.weight" in frozen and "denoiser.final_layer.linear.weight" in frozen
+    with pytest.raises(ValueError, match="unknown stage"):
+        M.set_stage(uw, 3)
+
+
+def test_full_size_trainable_counts_on_meta():
+    with torch.device("meta"):
+        uw = M.UniWorld(flux.Flux(flux.FLUX_CONFIGS["flux-dev"]), vlm_dim=3584, siglip_dim=1152)
+    count = lambda: sum(p.numel() for p in uw.parameters() if p.requires_grad)
+    M.set_stage(uw, 1)
+    assert count() == 94_388_224
+    M.set_stage(uw, 2)
+    assert count() == 4_104_933_632
+
+
+def test_release_round_trip(world, tmp_path):
+    enc, uw = world
+    M.save_release(uw, str(tmp_path), vlm=enc.vlm, shard_bytes=200_000)  # several shards, as in the release
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    st = flux.Safetensors(flux.safetensors_files(str(tmp_path)))
+    assert any(k.startswith("visual.") for k in st.keys) and any(k.startswith("model.layers.") for k in st.keys)
+    assert "denoise_tower.denoiser.transformer_blocks.0.attn.to_q.weight" in st.keys
+    loaded, vlm = M.load_uniworld(str(tmp_path), vlm_pixels=enc.vlm.pixels)
+    feats = enc.features(["Make it blue <image>"], [images(1)])
+    feats2 = M.Encoders(vlm=vlm, siglip=enc.siglip).features(["Make it blue <image>"], [images(1)])
+    assert torch.allclose(feats[0]["vlm"], feats2[0]["vlm"], atol=1e-6)
+    with torch.no_grad():
+        txt, txt2 = uw.text_stream(feats), loaded.text_stream(feats)
+        x, s, y = torch.randn(1, 16, 8, 8), torch.tensor([0.3]), torch.randn(1, 16)
+        assert torch.equal(txt, txt2)
+        assert torch.equal(uw.velocity(x, s, txt, y, 3.5), loaded.velocity(x, s, txt, y, 3.5))
+
+
+def test_bad_release_and_redux_files(world, tmp_path):
+    _, uw = world
+    sd = {k: v.contiguous() for k, v in M.release_state_dict(uw).items() if "siglip_projector.2" not in k}
+    save_file(sd, tmp_path / "model-00001-of-00001.safetensors")
+    with pytest.raises(ValueError, match=r"missing denoise_tower.\{siglip_projector.2.weight"):
+        M.load_uniworld(str(tmp_path), with_vlm=False)
+    redux = {"redux_up.weight": torch.randn(96, 32), "redux_up.bias": torch.randn(96),
+             "redux_down.weight": torch.randn(32, 96), "redux_down.bias": torch.randn(32)}
+    save_file(redux, tmp_path / "flux1-redux-dev.safetensors")
+    M.load_siglip_projector(uw, str(tmp_path / "flux1-redux-dev.safetensors"))
+    assert torch.equal(uw.siglip_projector[2].weight, redux["redux_down.weight"])
+    torch.save({f"denoise_tower.siglip_projector.{k.replace('redux_up', '0').replace('redux_down', '2')}": -v
+                for k, v in redux.items()}, tmp_path / "flux-redux-siglipv2-512.bin")
+    M.load_siglip_projector(uw, str(tmp_path / "flux-redux-siglipv2-512.bin"))
+    assert torch.equal(uw.siglip_projector[0].bias, -redux["redux_up.bias"])
+    save_file({"foo": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="expected redux_up"):
+        M.load_siglip_projector(uw, str(tmp_path / "other.safetensors"))
