@@ -76,24 +76,23 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000, ti
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 
-def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
-    """cos and sin of the 3-axis RoPE angles, in fp32, for ids (B, L, 3): each (B, 1, L, head_dim/2)."""
+def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
+    """The 3-axis RoPE rotations for ids (B, L, 3), as unit complex numbers e^(i*angle): (B, 1, L, head_dim/2)."""
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)  # (d/2,)
         angles.append(ids[..., i, None].double() * omega)  # (B, L, d/2): axis i has its own frequency ladder
     angles = torch.cat(angles, dim=-1).unsqueeze(1)  # (B, 1, L, head_dim/2)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, H, L, D) by the RoPE angles, in fp32."""
-    cos, sin = pe
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, D/2) each
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, H, L, D) by the RoPE angles: one complex product, in fp32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, L, D/2)
+    return torch.view_as_real(pairs * pe).flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Joint attention with RoPE on q and k; no mask anywhere, as in FLUX. (B, H, L, D) -> (B, L, H*D)."""
     x = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
     return x.transpose(1, 2).flatten(2)
@@ -105,7 +104,7 @@ def layer_norm(x: Tensor) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return (1 + scale) * x + shift
+    return torch.addcmul(shift, x, 1 + scale)  # (1 + scale) * x + shift, in one kernel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,8 +129,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        rrms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-        return (x.float() * rrms).to(x.dtype) * self.scale
+        return F.rms_norm(x.float(), x.shape[-1:], eps=1e-6).to(x.dtype) * self.scale
 
 
 class QKNorm(nn.Module):
@@ -193,17 +191,17 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_mlp", nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU("tanh"),
                                                     nn.Linear(mlp_hidden, dim)))
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
         attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2), pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))  # img + gate * attn
+        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2)))
+        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2)))
         return img, txt
 
 
@@ -220,13 +218,13 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, 1)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         (shift, scale, gate), = self.modulation(vec)
         x_mod = modulate(layer_norm(x), shift, scale)
         q, k, v = split_heads(self.qkv(x_mod), self.num_heads)
         q, k = self.norm(q, k, v)
         mlp = F.gelu(self.mlp_in(x_mod), approximate="tanh")
-        return x + gate * self.linear2(torch.cat((attention(q, k, v, pe), mlp), dim=2))
+        return torch.addcmul(x, gate, self.linear2(torch.cat((attention(q, k, v, pe), mlp), dim=2)))
 
 
 class LastLayer(nn.Module):
