@@ -402,6 +402,7 @@ class AutoEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.factor = 2 ** (len(config.ch_mult) - 1)  # pixels per latent pixel: 8 for FLUX
 
     def encode(self, x: Tensor) -> Tensor:  # (B, 3, H, W) in [-1, 1] -> (B, z, H/8, W/8)
         mean = self.encoder(x)[:, : self.config.z_channels]
