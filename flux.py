@@ -62,7 +62,8 @@ class AutoEncoderConfig:
     norm_groups: int = 32  # BFL hard-codes 32; a free knob only so tiny test models stay tiny
 
 
-AE_CONFIGS = {"flux": AutoEncoderConfig(), "tiny": AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)}
+AE_CONFIGS = {"flux": AutoEncoderConfig(),  # tiny: 8x down like FLUX's, so masks.py's latent grid fits
+              "tiny": AutoEncoderConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4)}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Embeddings, RoPE and attention

@@ -129,7 +129,13 @@ class UniWorld(nn.Module):
         s = sigma.view(B, 1, 1, 1).to(x0.dtype)
         x_t = (1 - s) * x0 + s * noise
         pred = self.velocity(x_t, sigma, self.text_stream(batch["features"]), batch["pooled"], guidance=1.0)
-        return weighted_mse(pred, noise - x0, batch.get("weights"), batch.get("valid"))
+        loss = weighted_mse(pred, noise - x0, batch.get("weights"), batch.get("valid"))
+        first = self.siglip_projector[0]
+        if first.weight.requires_grad and all(f.get("siglip") is None for f in batch["features"]):
+            # official: without references a dummy zero SigLIP input still runs through the connector, so every
+            # trainable tensor gets a (zero) gradient on every rank, as distributed gradient reduction needs
+            loss = loss + 0 * self.siglip_projector(first.weight.new_zeros(1, first.in_features)).sum()
+        return loss
 
 
 def sample_sigmas(batch: int, image_seq_len: int, generator=None, device=None) -> Tensor:

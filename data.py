@@ -1,0 +1,339 @@
+"""Training data in the official UniWorld-V1 format (uniworld.md §5): read, checked, bucketed, sharded, resumable.
+
+    data.txt  one dataset per line: image_root,json_path,need_weight  (relative paths start at data.txt's folder)
+    JSON      a list of records {"image": ["ref.png", "target.png"],            the last image is the target
+                                 "conversations": [{"from": "human", "value": "Make the car red.\\n<image>"},
+                                                   {"from": "gpt", "value": "<gen_image>"}]}
+              valid when the <image> and <gen_image> markers together number the images (official check_data.py)
+
+    record -> PIL (EXIF-transposed, RGB) -> target resized to its size, sides multiples of 16 -> pixels in [-1, 1]
+                                         -> references as they are: the encoders resize them (VLM 448², SigLIP 512²)
+                                         -> edit weights from masks.py, references resized to the target first
+
+Sizes: the official default squashes every target to 512² ('any_1ratio'); `buckets=True` picks the closest of the
+11 ratios at a resolution² area anchor instead ('any_11ratio', as the released run did, §3.4 and §6.2).
+Bad data (a missing, truncated, corrupt or tiny image, a malformed record, an edit masks.py rejects) never stops a
+run: the sample is skipped with one warning and replaced by the next one of its bucket, and the skips are counted,
+so train.py can stop with a clear message when they pass a fraction of the data (check_bad).
+The frozen encoders' outputs (encode) can be computed once per sample and read back from a cache (build_cache).
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
+
+from masks import EditTooSmall, loss_weights
+from sample import dynamic_resize
+
+log = logging.getLogger(__name__)
+
+IMAGE, GEN_IMAGE = "<image>", "<gen_image>"
+MIN_SIDE = 16  # smaller images are "wrongly sized": nothing to learn from them at 512²
+MAX_TRIES = 16  # bad samples in a row before a bucket is declared broken
+MIN_SEEN = 50  # check_bad waits for this many samples, so that one early bad file does not stop a run
+
+
+class BadSample(Exception):
+    """This sample cannot be used (bad file, bad record, rejected edit); the dataset draws the next one."""
+
+
+class TooMuchBadData(RuntimeError):
+    """More of the data is bad than the limit allows: better to stop than to train on a fraction of it."""
+
+
+@dataclass
+class Record:
+    root: str
+    images: list[str]  # relative to root; the last one is the target
+    instruction: str  # the human turn, one <image> per reference image
+    need_weight: bool  # edit-region loss weighting for this dataset (3rd column of data.txt)
+
+
+def parse_record(raw, root: str, need_weight: bool) -> Record:
+    """One JSON record -> Record; raises BadSample saying what is wrong with it."""
+    if not isinstance(raw, dict) or "image" not in raw or "conversations" not in raw:
+        raise BadSample("a record needs the keys 'image' and 'conversations'")
+    images = [raw["image"]] if isinstance(raw["image"], str) else raw["image"]
+    turns = raw["conversations"]
+    if not images or not all(isinstance(p, str) for p in images):
+        raise BadSample(f"'image' must be a path or a non-empty list of paths, got {raw['image']!r}")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise BadSample("'conversations' must be a list of {'from': ..., 'value': str} turns")
+    markers = sum(t["value"].count(IMAGE) + t["value"].count(GEN_IMAGE) for t in turns)
+    if markers != len(images):
+        raise BadSample(f"{markers} <image>/<gen_image> markers for {len(images)} images")
+    if [t.get("from") for t in turns] != ["human", "gpt"] or GEN_IMAGE not in turns[1]["value"]:
+        raise BadSample("expected one human turn and one gpt turn '<gen_image>' (the denoiser trains generation only)")
+    return Record(root, images, turns[0]["value"], need_weight)
+
+
+def read_data_txt(path: str) -> tuple[list[Record], int]:
+    """data.txt -> (valid records, number of malformed ones); a malformed data.txt itself is an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no data.txt at {path!r}; pass --data with lines image_root,json_path,need_weight")
+    here, records, bad = os.path.dirname(os.path.abspath(path)), [], 0
+    with open(path) as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 3 or fields[2].lower() not in ("true", "false"):
+            raise ValueError(f"{path}:{n}: expected 'image_root,json_path,need_weight' (need_weight true or false), "
+                             f"got {line.strip()!r}")
+        root, json_path = (os.path.join(here, f) for f in fields[:2])  # join keeps absolute paths as they are
+        if not os.path.isfile(json_path):
+            raise FileNotFoundError(f"{path}:{n}: annotation file {json_path!r} does not exist")
+        with open(json_path) as f:
+            raws = json.load(f)
+        if not isinstance(raws, list):
+            raise ValueError(f"{json_path}: expected a JSON list of records, got {type(raws).__name__}")
+        for i, raw in enumerate(raws):
+            try:
+                records.append(parse_record(raw, root, fields[2].lower() == "true"))
+            except BadSample as e:
+                log.warning("skipping record %d of %s: %s", i, json_path, e)
+                bad += 1
+    return records, bad
+
+
+def open_image(path: str) -> Image.Image:
+    """RGB PIL image with its EXIF orientation applied; any decoding problem is a BadSample."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: truncated and corrupt files fail here, not later in a worker
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors... for bad files
+        raise BadSample(f"{path}: {type(e).__name__}: {e}") from e
+    if min(im.size) < MIN_SIDE:
+        raise BadSample(f"{path}: {im.size[0]}x{im.size[1]} is smaller than {MIN_SIDE} px")
+    return im
+
+
+def oriented_size(path: str) -> tuple[int, int]:
+    """(height, width) after the EXIF rotation, from the header alone (for buckets)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (w, h) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (h, w)  # rotated by 90 or 270 degrees
+    except Exception as e:
+        raise BadSample(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1], as the VAE expects."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+class EditData(torch.utils.data.Dataset):
+    """The samples of data.txt; dataset[i] is sample i, or the next good one of its bucket if i is bad."""
+
+    def __init__(self, data_txt: str, resolution: int = 512, buckets: bool = False, weighting: str = "log"):
+        if resolution % 16:
+            raise ValueError(f"resolution {resolution} must be a multiple of 16 (VAE 8x, then 2x2 packing)")
+        self.records, self.bad_records = read_data_txt(data_txt)
+        self.weighting, self.cache = weighting, None
+        self.sizes = {}  # index -> (H, W) of the target in training
+        for i, r in enumerate(self.records):
+            if not buckets:  # official default: every target squashed to resolution²
+                self.sizes[i] = (resolution, resolution)
+                continue
+            try:
+                self.sizes[i] = dynamic_resize(*oriented_size(os.path.join(r.root, r.images[-1])), resolution**2)
+            except BadSample as e:
+                log.warning("skipping record %d: %s", i, e)
+                self.bad_records += 1
+        self.buckets = {}  # (H, W) -> indices, in order
+        for i, size in self.sizes.items():
+            self.buckets.setdefault(size, []).append(i)
+        if not self.buckets:
+            raise ValueError(f"{data_txt}: no usable records ({self.bad_records} bad); see the warnings above")
+        self.rank_in_bucket = {i: k for members in self.buckets.values() for k, i in enumerate(members)}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        """Sample i, or the next good sample of its bucket; `skipped` counts the bad ones passed over."""
+        members, k = self.buckets[self.sizes[i]], self.rank_in_bucket[i]
+        for tries in range(min(MAX_TRIES, len(members))):
+            idx = members[(k + tries) % len(members)]
+            try:
+                return {**self.load(idx), "skipped": tries}
+            except BadSample as e:
+                log.warning("skipping sample %d: %s", idx, e)
+        raise TooMuchBadData(f"{min(MAX_TRIES, len(members))} bad samples in a row in the {self.sizes[i]} bucket "
+                             f"from sample {i}: check the images of {self.records[i].root}")
+
+    def first_samples(self, n: int) -> list[dict]:
+        """The first n good samples, from their image files (train.py's fixed validation prompts)."""
+        samples = []
+        for idx in sorted(self.sizes):
+            try:
+                samples.append(self.load_images(idx))
+            except BadSample:
+                continue
+            if len(samples) == n:
+                break
+        return samples
+
+    def load(self, idx: int) -> dict:
+        """Sample idx from the cache if there is one, else from the image files."""
+        if self.cache is None:
+            return self.load_images(idx)
+        path = cache_path(self.cache, idx)
+        if not os.path.isfile(path):  # it was bad when the cache was built
+            raise BadSample(f"not in the cache {self.cache} (bad when the cache was built)")
+        return torch.load(path, weights_only=True)
+
+    def load_images(self, idx: int) -> dict:
+        """{'index', 'instruction', 'references' [PIL], 'pixels' (3, H, W), 'weights' (1, H/8, W/8)}."""
+        r, (H, W) = self.records[idx], self.sizes[idx]
+        *refs, target = [open_image(os.path.join(r.root, p)) for p in r.images]
+        target = target.resize((W, H), Image.BICUBIC)
+        try:
+            weights = loss_weights([ref.resize((W, H), Image.BICUBIC) for ref in refs], target, self.weighting,
+                                   r.need_weight)
+        except EditTooSmall as e:  # official: the loader raises and draws another sample
+            raise BadSample(str(e)) from e
+        return {"index": idx, "instruction": r.instruction, "references": refs, "pixels": to_pixels(target),
+                "weights": weights}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Same-size samples -> one batch: tensors stacked, everything else in lists, skips summed."""
+    batch = {"skipped": sum(s["skipped"] for s in samples)}
+    for key in samples[0]:
+        if key != "skipped":
+            values = [s[key] for s in samples]
+            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+def check_bad(bad: int, seen: int, limit: float, what: str = "samples", min_seen: int = MIN_SEEN) -> None:
+    """Raise TooMuchBadData when more than `limit` of the `seen` items were bad, once at least `min_seen` were seen."""
+    if seen >= max(min_seen, 1) and bad > limit * seen:
+        raise TooMuchBadData(f"{bad} of {seen} {what} ({bad / seen:.1%}) were bad, over the limit of {limit:.1%}; "
+                             "fix the data (the warnings name each bad file) or raise --max_bad")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: same-size, shuffled per epoch, split over ranks, resumable
+
+
+class Batches:
+    """Endless same-size batches for one rank; `epoch` and `batch` (the next one to yield) are its position."""
+
+    def __init__(self, dataset: EditData, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 workers: int = 0):
+        self.dataset, self.batch_size, self.rank, self.world = dataset, batch_size, rank, world
+        self.seed, self.workers = seed, workers
+        self.epoch = self.batch = 0
+        if len(self.epoch_batches(0)) == 0:
+            raise ValueError(f"no batch of {batch_size} same-size samples per rank for {world} ranks: "
+                             f"bucket sizes {[len(m) for m in dataset.buckets.values()]}; lower --batch_size")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`: the same on every run for the same seed, epoch and world size."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        batches = []
+        for size in sorted(self.dataset.buckets):  # each bucket shuffled, cut into full batches
+            members = self.dataset.buckets[size]
+            perm = [members[p] for p in torch.randperm(len(members), generator=g).tolist()]
+            batches += [perm[i : i + self.batch_size] for i in range(0, len(perm) - self.batch_size + 1,
+                                                                     self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()  # then the buckets mixed
+        usable = len(order) // self.world * self.world  # every rank gets the same number of batches
+        return [batches[j] for j in order[:usable]][self.rank :: self.world]
+
+    def __iter__(self):
+        while True:
+            todo = self.epoch_batches(self.epoch)[self.batch :]
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=todo, num_workers=self.workers,
+                                                 collate_fn=collate, persistent_workers=False)
+            for batch in loader:
+                self.batch += 1
+                yield batch
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen side, and its cache: the encoders never train, so their outputs per sample can be computed once
+
+
+@torch.no_grad()
+def encode(batch: dict, encoders, device) -> dict:
+    """+ 'features' (VLM hidden states and SigLIP tokens, model.Encoders) and 'latents' (VAE, fp32 as official);
+    everything on `device`. Batches from the cache already have both."""
+    if "features" not in batch:
+        batch = {**batch, "features": encoders.features(batch["instruction"], batch["references"]),
+                 "latents": encoders.ae.encode(batch["pixels"].to(device)).float()}
+    return to(batch, device)
+
+
+def to(x, device):
+    """Tensors in nested dicts and lists -> device; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to(v, device) for k, v in x.items()}
+    return [to(v, device) for v in x] if isinstance(x, list) else x
+
+
+def cache_path(folder: str, idx: int) -> str:
+    return os.path.join(folder, f"{idx // 10_000:04d}", f"{idx:08d}.pt")  # 10k files per folder
+
+
+def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: dict) -> None:
+    """Write the encoded form of every good sample, split over the ranks; `meta.json` marks the cache complete.
+
+    Resumable: files already there are kept. A cache built for another fingerprint (data, sizes, encoders) is an
+    error rather than silently wrong features. Then the dataset reads samples from the cache."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    meta = os.path.join(folder, "meta.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            found = json.load(f)
+        if found != fingerprint:
+            raise ValueError(f"the cache {folder} was built for {found}, not {fingerprint}; delete it or pass "
+                             "another --cache folder")
+    else:
+        bad = 0
+        for idx in sorted(dataset.sizes)[rank::world]:
+            path = cache_path(folder, idx)
+            if os.path.isfile(path):
+                continue
+            try:
+                sample = dataset.load_images(idx)
+            except BadSample as e:
+                log.warning("not caching sample %d: %s", idx, e)
+                bad += 1
+                continue
+            batch = encode(collate([{**sample, "skipped": 0}]), encoders, device)  # a batch of one
+            keep = {k: sample[k] for k in ("index", "instruction", "weights")}
+            keep.update(features=batch["features"][0], latents=batch["latents"][0])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(to(keep, "cpu"), path + ".tmp")
+            os.replace(path + ".tmp", path)  # a killed build never leaves a half-written sample
+        log.info("cache %s: rank %d wrote its share (%d bad samples left out)", folder, rank, bad)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            with open(meta + ".tmp", "w") as f:
+                json.dump(fingerprint, f, indent=1)
+            os.replace(meta + ".tmp", meta)
+        if dist.is_initialized():
+            dist.barrier()
+    dataset.cache = folder
