@@ -78,19 +78,24 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000, ti
 
 
 def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
-    """The 3-axis RoPE rotations for ids (B, L, 3), as unit complex numbers e^(i*angle): (B, 1, L, head_dim/2)."""
+    """The 3-axis RoPE angles of ids (B, L, 3) as (cos, sin) pairs in fp32: (B, 1, L, head_dim/2, 2)."""
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)  # (d/2,)
         angles.append(ids[..., i, None].double() * omega)  # (B, L, d/2): axis i has its own frequency ladder
     angles = torch.cat(angles, dim=-1).unsqueeze(1)  # (B, 1, L, head_dim/2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, H, L, D) by the RoPE angles: one complex product, in fp32."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, L, D/2)
-    return torch.view_as_real(pairs * pe).flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, H, L, D) by the RoPE angles, in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, L, D/2, 2)
+    if torch.compiler.is_compiling():  # inductor has no complex kernels, and fuses this real form into one
+        (x0, x1), (cos, sin) = pairs.unbind(-1), pe.unbind(-1)
+        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    else:  # eager: one complex product, fewer passes over memory
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(pe))
+    return out.flatten(-2).type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:

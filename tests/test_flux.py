@@ -2,6 +2,7 @@
 the official key tables in ../shared/reference/keys on the meta device, and clear errors on bad checkpoints."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def test_autoencoder_matches_diffusers_both_formats(tmp_path):
             assert (again.encode(x) - z_ref).abs().max() <= 1e-5
         back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae2").eval()
         assert (back.decode(z_ref / 0.3611 + 0.1159).sample - y_ref).abs().max() <= 1e-5
+
+
+def test_rope_compiled_form_equals_eager_and_rotates_pairs():
+    from unittest import mock
+
+    ids = torch.cat([flux.text_ids(3), flux.image_ids(4, 6, index=1)])[None]  # (1, L, 3)
+    pe = flux.rope(ids, (4, 14, 14), 10_000)
+    x = torch.randn(2, 3, ids.shape[1], 32)
+    eager = flux.apply_rope(x, pe)
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        assert torch.allclose(flux.apply_rope(x, pe), eager, atol=1e-6)
+    assert torch.equal(eager[:, :, :3], x[:, :, :3])  # text ids are zero: the identity
+    angle = ids[0, 5, 0].item() * 1.0  # axis 0 pair 0 has frequency 1
+    x0, x1 = x[..., 5, 0], x[..., 5, 1]
+    assert torch.allclose(eager[..., 5, 0], x0 * math.cos(angle) - x1 * math.sin(angle), atol=1e-6)
 
 
 def test_pack_unpack_ids_match_diffusers():
