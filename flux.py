@@ -761,15 +761,18 @@ def save_flux(model: Flux, path: str, fmt: str = "bfl") -> None:
     sd = {k: t.contiguous() for k, t in flux_state_dict(model, fmt).items()}
     if fmt == "bfl":
         return save_file(sd, path)
-    c = model.config
+    _save_folder(path, sd, "diffusion_pytorch_model.safetensors", diffusers_config(model.config))
+
+
+def diffusers_config(c: FluxConfig) -> dict:
+    """The config.json of diffusers' FluxTransformer2DModel for this architecture."""
     if c.mlp_ratio != 4.0 or not c.qkv_bias:
         raise ValueError("diffusers' FluxTransformer2DModel supports only mlp_ratio 4 with qkv bias; save as 'bfl'")
-    _save_folder(path, sd, "diffusion_pytorch_model.safetensors", {
-        "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": c.in_channels,
-        "out_channels": c.out_channels, "num_layers": c.depth, "num_single_layers": c.depth_single_blocks,
-        "attention_head_dim": c.hidden_size // c.num_heads, "num_attention_heads": c.num_heads,
-        "joint_attention_dim": c.context_in_dim, "pooled_projection_dim": c.vec_in_dim,
-        "guidance_embeds": c.guidance_embed, "axes_dims_rope": list(c.axes_dim)})
+    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": c.in_channels,
+            "out_channels": c.out_channels, "num_layers": c.depth, "num_single_layers": c.depth_single_blocks,
+            "attention_head_dim": c.hidden_size // c.num_heads, "num_attention_heads": c.num_heads,
+            "joint_attention_dim": c.context_in_dim, "pooled_projection_dim": c.vec_in_dim,
+            "guidance_embeds": c.guidance_embed, "axes_dims_rope": list(c.axes_dim)}
 
 
 def save_autoencoder(model: AutoEncoder, path: str, fmt: str = "bfl") -> None:

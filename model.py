@@ -229,6 +229,10 @@ def release_state_dict(model: UniWorld, vlm: VLMEncoder | None = None) -> dict[s
     out.update({f"denoise_tower.denoiser.{k}": v for k, v in flux.flux_state_dict(model.denoiser, "diffusers").items()})
     for name in ("denoise_projector", "siglip_projector"):
         out.update({f"denoise_tower.{name}.{k}": v for k, v in getattr(model, name).state_dict().items()})
+    c = model.denoiser.config  # the release also holds the unused vae_projector (64 -> 3072 -> 4096): zeros here
+    out.update({f"denoise_tower.vae_projector.{k}": torch.zeros(shape) for k, shape in (
+        ("0.weight", (c.hidden_size, c.in_channels)), ("0.bias", (c.hidden_size,)),
+        ("2.weight", (c.context_in_dim, c.hidden_size)), ("2.bias", (c.context_in_dim,)))})
     return out
 
 
@@ -256,7 +260,7 @@ def save_release(model: UniWorld, folder: str, vlm: VLMEncoder | None = None, sh
     c = model.denoiser.config
     config["denoise_tower"] = {"denoiser_type": "flux", "denoise_projector_type": "mlp2x_gelu",
                                "input_hidden_size": model.denoise_projector[0].in_features,
-                               "output_hidden_size": c.context_in_dim}
+                               "output_hidden_size": c.context_in_dim, "denoiser_config": flux.diffusers_config(c)}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     if vlm is not None:

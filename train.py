@@ -83,6 +83,7 @@ class TrainConfig:
     lr: float = None
     warmup: int = None  # linear warm-up steps
     grad_ckpt: bool = None  # activation checkpointing of every FLUX block
+    precision: str = "auto"  # "bf16" compute over fp32 weights, or "fp32"; auto: bf16 on CUDA, fp32 on the CPU
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -124,6 +125,8 @@ def parse_args(argv=None) -> TrainConfig:
         setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
     if not cfg.data or not cfg.out:
         p.error("--data data.txt and --out RUN_FOLDER are required")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        p.error(f"--precision {cfg.precision}: use auto, bf16 or fp32")
     if cfg.model not in MODELS:
         p.error(f"--model {cfg.model}: choose one of {sorted(MODELS)}")
     return cfg
@@ -181,14 +184,17 @@ def init_from_run(model: M.UniWorld, run: str, ema: bool = True) -> None:
 def shard(model: M.UniWorld, cfg: TrainConfig, device) -> None:
     """FSDP2: each FLUX block its own unit (wrapped for activation checkpointing first, stage 2), then the root."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()  # bf16 compute, fp32 weights and gradient reduction; fp32 on the CPU
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    # bf16 compute, fp32 weights and gradient reduction. The root casts the batch; the blocks must not cast their
+    # inputs, or the fp32 RoPE table would arrive in bf16 (RoPE is computed in fp32, flux.md §1.3)
+    root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    block_mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else None
     for blocks in (model.denoiser.double_blocks, model.denoiser.single_blocks):
         for i, block in enumerate(blocks):
             if cfg.grad_ckpt:
                 block = blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the connectors, embedders and final layer
+            fully_shard(block, mesh=mesh, mp_policy=block_mp or MixedPrecisionPolicy())
+    fully_shard(model, mesh=mesh, mp_policy=root_mp or MixedPrecisionPolicy())  # connectors, embedders, last layer
     register_fsdp_forward_method(model, "loss")  # FSDP2 hooks only forward(); UniWorld trains through loss()
 
 

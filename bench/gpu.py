@@ -129,7 +129,7 @@ def train_section(args, config, device) -> None:
         for p in uw.parameters():
             p.normal_(0, 0.02)
     trainable = M.set_stage(uw, 2)
-    train.shard(uw, SimpleNamespace(grad_ckpt=True), device)  # as train.py: per block, checkpointed, then the root
+    train.shard(uw, SimpleNamespace(grad_ckpt=True, precision="auto"), device)  # as train.py: blocks, then the root
     params = [p for p in uw.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-6, betas=(0.9, 0.99), weight_decay=0.0)
     side = int(args.img**0.5)  # packed grid side; latents are twice that

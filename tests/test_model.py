@@ -1,6 +1,8 @@
 """model.py: the condition stream token by token, the weighted rectified-flow loss, the stages (also at full size on
 the meta device), and the release layout round trip."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -129,6 +131,18 @@ def test_full_size_trainable_counts_on_meta():
     assert count() == 94_388_224
     M.set_stage(uw, 2)
     assert count() == 4_104_933_632
+
+
+def test_full_size_release_keys_on_meta():
+    """Our export of the denoise tower has exactly the release's denoise_tower.* names and shapes."""
+    from tests.test_flux import KEYS
+
+    with torch.device("meta"):
+        uw = M.UniWorld(flux.Flux(flux.FLUX_CONFIGS["flux-dev"]), vlm_dim=3584, siglip_dim=1152)
+        ours = {k: tuple(v.shape) for k, v in M.release_state_dict(uw).items()}
+    rows = (line.rstrip("\n").split("\t") for line in open(KEYS / "uniworld-v1.tsv").readlines()[1:])
+    release = {k: tuple(json.loads(s)) for k, s in rows if k.startswith("denoise_tower.")}
+    assert ours == release
 
 
 def test_release_round_trip(world, tmp_path):

@@ -187,6 +187,21 @@ def test_too_much_bad_data_stops_the_run(tmp_path, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_bf16_mixed_precision_stage2_with_validation(tmp_path, monkeypatch):
+    """The GPU recipe's FSDP2 bf16 policy, on the CPU: training, validation under the EMA, export (gloo, 1 rank)."""
+    data_txt = make_dataset(tmp_path / "data")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(key, str(value))
+    out = tmp_path / "run"
+    T.main([*COMMON, "--stage", "2", "--precision", "bf16", "--data", data_txt, "--out", str(out), "--steps", "2",
+            "--val_every", "2"])
+    assert all(math.isfinite(m["loss"]) for m in metrics(out)) and len(metrics(out)) == 2
+    assert os.path.isfile(out / "val" / "step-00000002.png")
+
+
 def test_config_stage_defaults_and_overrides():
     c1 = T.parse_args(["--data", "d.txt", "--out", "o"])
     assert (c1.stage, c1.lr, c1.warmup, c1.grad_ckpt, c1.beta2, c1.grad_clip) == (1, 1e-3, 0, False, 0.99, 1.0)
