@@ -197,7 +197,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         m(**{**x, "img": torch.randn(2, 12, 64), "guidance": None})
 
 
-def test_load_dtype_and_frozen_eval(tmp_path):
+def test_load_dtype_device_and_eval_mode(tmp_path):
     m = flux.Flux(flux.FLUX_CONFIGS["tiny"])
     flux.save_flux(m, str(tmp_path / "f.safetensors"))
     bf = flux.load_flux(str(tmp_path / "f.safetensors"), dtype=torch.bfloat16)
