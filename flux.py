@@ -761,7 +761,7 @@ def save_flux(model: Flux, path: str, fmt: str = "bfl") -> None:
     sd = {k: t.contiguous() for k, t in flux_state_dict(model, fmt).items()}
     if fmt == "bfl":
         return save_file(sd, path)
-    _save_folder(path, sd, "diffusion_pytorch_model.safetensors", diffusers_config(model.config))
+    _save_folder(path, sd, diffusers_config(model.config))
 
 
 def diffusers_config(c: FluxConfig) -> dict:
@@ -781,7 +781,7 @@ def save_autoencoder(model: AutoEncoder, path: str, fmt: str = "bfl") -> None:
     if fmt == "bfl":
         return save_file(sd, path)
     c, n = model.config, len(model.config.ch_mult)
-    _save_folder(path, sd, "diffusion_pytorch_model.safetensors", {
+    _save_folder(path, sd, {
         "_class_name": "AutoencoderKL", "in_channels": c.in_channels, "out_channels": c.out_ch,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "block_out_channels": [c.ch * m for m in c.ch_mult], "layers_per_block": c.num_res_blocks,
@@ -790,8 +790,9 @@ def save_autoencoder(model: AutoEncoder, path: str, fmt: str = "bfl") -> None:
         "mid_block_add_attention": True, "sample_size": 1024})
 
 
-def _save_folder(folder: str, sd: dict[str, Tensor], name: str, config: dict) -> None:
+def _save_folder(folder: str, sd: dict[str, Tensor], config: dict) -> None:
+    """A diffusers model folder: diffusion_pytorch_model.safetensors and config.json."""
     os.makedirs(folder, exist_ok=True)
-    save_file(sd, os.path.join(folder, name))
+    save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
