@@ -134,11 +134,13 @@ def to_pixels(img: Image.Image) -> torch.Tensor:
 class EditData(torch.utils.data.Dataset):
     """The samples of data.txt; dataset[i] is sample i, or the next good one of its bucket if i is bad."""
 
-    def __init__(self, data_txt: str, resolution: int = 512, buckets: bool = False, weighting: str = "log"):
-        if resolution % 16:
-            raise ValueError(f"resolution {resolution} must be a multiple of 16 (VAE 8x, then 2x2 packing)")
+    def __init__(self, data_txt: str, resolution: int = 512, buckets: bool = False, weighting: str = "log",
+                 factor: int = 8):
+        if resolution % (2 * factor):
+            raise ValueError(f"resolution {resolution} must be a multiple of {2 * factor} (the autoencoder's "
+                             f"{factor}x, then 2x2 packing)")
         self.records, self.bad_records = read_data_txt(data_txt)
-        self.weighting, self.cache = weighting, None
+        self.weighting, self.factor, self.cache = weighting, factor, None  # factor: the autoencoder's downsampling
         self.sizes = {}  # index -> (H, W) of the target in training
         for i, r in enumerate(self.records):
             if not buckets:  # official default: every target squashed to resolution²
@@ -193,13 +195,13 @@ class EditData(torch.utils.data.Dataset):
         return torch.load(path, weights_only=True)
 
     def load_images(self, idx: int) -> dict:
-        """{'index', 'instruction', 'references' [PIL], 'pixels' (3, H, W), 'weights' (1, H/8, W/8)}."""
+        """{'index', 'instruction', 'references' [PIL], 'pixels' (3, H, W), 'weights' (1, H/factor, W/factor)}."""
         r, (H, W) = self.records[idx], self.sizes[idx]
         *refs, target = [open_image(os.path.join(r.root, p)) for p in r.images]
         target = target.resize((W, H), Image.BICUBIC)
         try:
             weights = loss_weights([ref.resize((W, H), Image.BICUBIC) for ref in refs], target, self.weighting,
-                                   r.need_weight)
+                                   r.need_weight, self.factor)
         except EditTooSmall as e:  # official: the loader raises and draws another sample
             raise BadSample(str(e)) from e
         return {"index": idx, "instruction": r.instruction, "references": refs, "pixels": to_pixels(target),

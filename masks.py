@@ -145,27 +145,30 @@ def edit_mask(references: list[Image.Image], target: Image.Image) -> np.ndarray:
     return np.logical_and.reduce(per_reference)
 
 
-def _to_latent_grid(m: np.ndarray) -> np.ndarray:
-    """Step 6: (H, W) -> (H // 8, W // 8): max-pool with kernel = stride = 8 (floor, like F.max_pool2d), close again."""
-    h, w = m.shape[0] // VAE_FACTOR, m.shape[1] // VAE_FACTOR
-    rows = m[: h * VAE_FACTOR, : w * VAE_FACTOR].reshape(h, VAE_FACTOR, w * VAE_FACTOR).any(axis=1)
-    return _close(rows.reshape(h, w, VAE_FACTOR).any(axis=2))
+def _to_latent_grid(m: np.ndarray, factor: int = VAE_FACTOR) -> np.ndarray:
+    """Step 6: (H, W) -> (H // 8, W // 8): max-pool with kernel = stride = 8 (floor, like F.max_pool2d), close again.
+
+    `factor` is the autoencoder's downsampling: 8 for FLUX's VAE, 2 for the toy world's pixel unshuffle."""
+    h, w = m.shape[0] // factor, m.shape[1] // factor
+    rows = m[: h * factor, : w * factor].reshape(h, factor, w * factor).any(axis=1)
+    return _close(rows.reshape(h, w, factor).any(axis=2))
 
 
 def loss_weights(
-    references: list[Image.Image], target: Image.Image, kind: str = "log", need_weight: bool = True
+    references: list[Image.Image], target: Image.Image, kind: str = "log", need_weight: bool = True,
+    factor: int = VAE_FACTOR,
 ) -> torch.Tensor:
     """§3.5 loss weights per latent pixel, (1, H // 8, W // 8) float32: w(A_total / A_edit) on the edit, 1 elsewhere.
 
-    `references` is empty for text-to-image; `need_weight` is the per-dataset switch (3rd column of data.txt).
-    Raises EditTooSmall when the edit covers under 0.1% of the image.
+    `references` is empty for text-to-image; `need_weight` is the per-dataset switch (3rd column of data.txt); kind
+    "none" keeps every weight at 1. Raises EditTooSmall when the edit covers under 0.1% of the image.
     """
-    if kind not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting kind {kind!r}; choose one of {sorted(WEIGHTINGS)}")
+    if kind not in WEIGHTINGS and kind != "none":
+        raise ValueError(f"unknown weighting kind {kind!r}; choose one of {sorted(WEIGHTINGS)} or 'none'")
     W, H = target.size
-    if H < VAE_FACTOR or W < VAE_FACTOR:
-        raise ValueError(f"the target is {W}x{H}; it needs at least 8x8 pixels (one latent pixel)")
-    ones = torch.ones(1, H // VAE_FACTOR, W // VAE_FACTOR)
+    if H < factor or W < factor:
+        raise ValueError(f"the target is {W}x{H}; it needs at least {factor}x{factor} pixels (one latent pixel)")
+    ones = torch.ones(1, H // factor, W // factor)
     if not references or not need_weight:
         return ones  # text-to-image, or a dataset without edit weighting: plain MSE
     mask = edit_mask(references, target)
@@ -174,8 +177,11 @@ def loss_weights(
         return ones  # reconstruction: nothing changed
     if ratio < MIN_RATIO:
         raise EditTooSmall(f"the edit covers {ratio:.1e} of the image, under {MIN_RATIO}; draw another sample")
-    latent = _to_latent_grid(mask)
+    latent = _to_latent_grid(mask, factor)
     if not latent.any():
-        raise EditTooSmall(f"the edit lies only in the last {H % 8} rows or {W % 8} columns, outside the latent grid")
+        raise EditTooSmall(f"the edit lies only in the last {H % factor} rows or {W % factor} columns, outside the "
+                           "latent grid")
+    if kind == "none":
+        return ones  # the same samples as with a weighting, all weighted 1: the ablation baseline
     w = round(WEIGHTINGS[kind](latent.size / latent.sum()), 6)  # official rounds to 6 decimals
     return torch.where(torch.from_numpy(latent), w, 1.0).float()[None]

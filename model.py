@@ -179,12 +179,12 @@ def set_stage(model: UniWorld, stage: int) -> list[str]:
 # Official weights: the LanguageBind/UniWorld-V1 release layout, the Redux initialisation of the SigLIP connector
 
 
-def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True,
-                  vlm_pixels: int = VLM_PIXELS) -> tuple[UniWorld, VLMEncoder | None]:
+def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True, vlm_pixels: int = VLM_PIXELS,
+                  config: flux.FluxConfig | None = None) -> tuple[UniWorld, VLMEncoder | None]:
     """The release folder (model-*.safetensors + index): denoise_tower.* -> UniWorld; visual/model/lm_head -> VLM.
 
     Every tensor is read from disk straight into the model built on the meta device (flux.Safetensors)."""
-    denoiser = flux.load_flux(path, dtype=dtype, device=device)  # finds the denoise_tower.denoiser. prefix
+    denoiser = flux.load_flux(path, config, dtype, device)  # finds the denoise_tower.denoiser. prefix
     st = flux.Safetensors(flux.safetensors_files(path), prefix="denoise_tower.")
     needed = [f"{c}.{i}.{p}" for c in ("denoise_projector", "siglip_projector") for i in (0, 2)
               for p in ("weight", "bias")]

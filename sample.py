@@ -34,6 +34,7 @@ With no weight arguments it runs the built-in toy model from assets/toy/.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import resource
@@ -124,7 +125,7 @@ def generate(model: UniWorld, encoders: Encoders, instructions: list[str], image
         uncond = None if neg is None else (model.text_stream(neg[0], neg[1]), neg[2])
         x = denoise(model, x.to(device), sigmas, txt, y, guidance, uncond, cfg, progress)
     with on(device, ae, offload=offload):
-        ae_dtype = next(ae.parameters()).dtype if isinstance(ae, torch.nn.Module) else x.dtype
+        ae_dtype = next(ae.parameters(), x).dtype  # the toy world's pixel AE has no parameters
         return [to_pil(ae.decode(x[i : i + 1].to(ae_dtype))) for i in range(len(x))]
 
 
@@ -203,8 +204,8 @@ parser.add_argument("--out", default="out.png", help="output path; out_0.png, ou
 parser.add_argument("--height", type=int, help="output height (multiple of 16); needs --width")
 parser.add_argument("--width", type=int, help="output width (multiple of 16); needs --height")
 parser.add_argument("--area", type=int, help="pixel anchor of the any_11ratio size (default 1048576 = 1024²)")
-parser.add_argument("--steps", type=int, default=28)
-parser.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance (official 3.5)")
+parser.add_argument("--steps", type=int, help="Euler steps (official 28; the toy model: 20)")
+parser.add_argument("--guidance", type=float, help="FLUX.1-dev's distilled guidance (official 3.5; the toy: 1)")
 parser.add_argument("--cfg", type=float, default=1.0, help="true CFG scale with --negative (1 = off, as official)")
 parser.add_argument("--negative", default="", help="the negative instruction of --cfg")
 parser.add_argument("--seed", type=int, default=42, help="image i uses seed + i (official cli: 42)")
@@ -228,6 +229,25 @@ def read_image(path: str) -> Image.Image:
             return im.convert("RGB")
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: a corrupt PNG chunk is a SyntaxError
         raise ValueError(f"cannot read the image {path!r}: {e}") from e
+
+
+def toy_defaults(args) -> None:
+    """No weights given: the toy model of assets/toy/, its sampling settings (32x32, 20 steps, guidance 1) and its
+    bundled example: `python sample.py --edit` edits assets/toy/examples/edit.png as its toy.json says."""
+    toy_json = os.path.join(TOY, "toy.json")
+    if args.weights is None and not (args.flux or args.siglip) and os.path.isfile(toy_json):
+        with open(toy_json) as f:
+            meta = json.load(f)
+        example = meta["examples"]["t2i" if args.t2i else "edit"]
+        if args.prompt is None and not args.image and args.ask is None:
+            args.prompt = example["prompt"]
+        if not args.image and not args.t2i:
+            args.image = [os.path.join(TOY, p) for p in example["images"]]
+        args.steps, args.guidance = args.steps or meta["steps"], meta["guidance"] if args.guidance is None \
+            else args.guidance
+        if args.height is None and args.width is None and args.area is None:
+            args.height = args.width = meta["size"]
+    args.steps, args.guidance = args.steps or 28, 3.5 if args.guidance is None else args.guidance
 
 
 def check_args(args) -> None:
@@ -276,7 +296,7 @@ def weight_folders(args) -> tuple[str, str | None, str | None]:
                                     f"the built-in toy model (assets/toy/) is not there yet")
         args.weights, args.flux, args.siglip = TOY, TOY, os.path.join(TOY, "siglip")
     weights = locate(args.weights, "--weights")
-    if args.ask is not None:
+    if args.ask is not None or os.path.isfile(os.path.join(weights, "toy.json")):  # the toy holds all its parts
         return weights, None, None
     folder = locate(args.flux or FLUX_ID, "--flux", FLUX_PARTS[:3] if args.joint_t5 is False else FLUX_PARTS)
     if args.joint_t5 and not os.path.isdir(os.path.join(folder, "text_encoder_2")):
@@ -290,6 +310,11 @@ def load(args, folders: tuple[str, str | None, str | None], device, dtype) -> tu
     from model import Encoders, load_uniworld
 
     (weights, folder, siglip), where = folders, "cpu" if args.offload else device
+    if os.path.isfile(os.path.join(weights, "toy.json")):  # the toy world (toy.py): pixel space, its own config
+        from toy import load_toy
+
+        model, encoders, _ = load_toy(weights, where, dtype)
+        return (model if args.ask is None else None), encoders
     pixels = args.vlm_pixels or VLM_PIXELS
     if args.ask is not None:
         return None, Encoders(vlm=load_vlm(weights, pixels=pixels, dtype=dtype).to(where))
@@ -326,6 +351,7 @@ def peak_memory(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:  # user errors (arguments, images, sizes, weights) end here as one line and exit code 2
+        toy_defaults(args)
         check_args(args)
         refs = [read_image(p) for p in args.image]
         height, width = output_size(args, refs) if args.ask is None else (0, 0)

@@ -1,32 +1,28 @@
-"""The toy world: UniWorld-V1's whole method on 32x32 images of flat shapes, trained on a CPU in minutes.
+"""The toy world: UniWorld-V1's whole method on 32x32 images of flat shapes, trained on a CPU (python toy.py --help).
 
-Same code path as at full scale: a frozen (tiny) Qwen2.5-VL and a frozen (tiny) SigLIP feed model.py's two
-connectors into the FLUX text stream (text ids zero), rectified flow on the target only, Euler sampling. The
-reference image enters only through the two encoders, never as pixels or latents in the image stream.
+Same code path as at full scale: train.py (--model toy) with the frozen (tiny) Qwen2.5-VL and SigLIP feeding model.py's
+two connectors into the FLUX text stream (text ids zero), the §3.5 edit-mask weighting, sample.py's sampler. The
+reference enters only through the two encoders, never as pixels or latents in the image stream (except in ablation 2).
 
 A first faithful attempt learned nothing spatial (shared/reference/toy_findings.md). The levers used here, and why:
-  - Word vocabulary: every word of the toy grammar is one Qwen token (tiny_vlm(words=...)), so instructions are a
-    few distinct tokens instead of ~60 bytes whose random hidden states all look alike.
-  - Unambiguous grammar: "make the circle blue" (shape kinds are unique in a scene), not "make the red circle blue":
-    text ids are zero, so the denoiser sees the instruction as a *set* of tokens, and a random VLM mixes in too
-    little word order to tell the source colour from the new one.
+  - Word vocabulary: every word of the toy grammar is one Qwen token (tiny_vlm(words=...)).
+  - Instructions name the source colour ("make the red circle blue", "segment the red circle"): the random toy VLM
+    cannot recognise shapes as Qwen2.5-VL does, so every edit is decidable per patch from the instruction.
   - Structured SigLIP (still a frozen SiglipVisionModel): no transformer layers; an identity patch embedding keeps
     the 4x4 patch's 48 pixel values, and fixed 2-D sinusoidal position embeddings use exactly the row/column RoPE
     frequencies of the denoiser. A SigLIP token at (r, c) then carries cos/sin(r w_k), so a key projected from it
     meets the RoPE-rotated query of the image token at (r, c) in phase: the denoiser can learn "read the reference
-    patch at my own position" with two linear maps, although text tokens get no position ids (q.k peaks at r = r').
-  - Same grid: SigLIP patch 4 on 32x32 -> 8x8 tokens, one per packed image token.
+    patch at my own position" with linear maps, although text tokens get no position ids (q.k peaks at r = r').
+  - Same grid: SigLIP patch 4 on 32x32 -> 8x8 tokens, one per packed image token; RoPE theta 8 (toy_flux_config).
   - Pixel space: the "autoencoder" is pixel_unshuffle(2) (3 -> 12 channels, 16x16), packed 2x2 by FLUX into
     64 tokens of 48 channels (a 4x4 pixel patch each).
-  - RoPE theta 8 in the toy denoiser (and so in the SigLIP sinusoids): every frequency turns across an 8x8 grid.
-  - Frozen encoders -> features cached once (encode_records).
-
-  - Curriculum: first "copy" (target = reference), then the edits. Trained on edits alone the model learns only
-    global statistics (~9k steps); on copies the SigLIP route is found after ~3-5k steps (loss 0.06 -> 0.03,
-    86% copies right), and the edits trained on top of it keep the shapes in place.
-
-Status: 12 CPU minutes (1 thread, batch 8, hidden 64) reach PSNR above "output = input" on recolor and removal and
-segmentation IoU 0.43, but not yet the issue's 80% success; the loss is still falling.
+  - Sharper attention, sooner: the q/k RMSNorm scales learn 10x faster (train.py --qk_norm_lr 10). With RMS-normed
+    64-dim q and k the logits stay under 8 until the scales grow, too flat to pick one of 64 SigLIP tokens; at
+    Adam's ~lr per step that growth alone delayed copying by thousands of steps (starting them at 4 did less).
+  - Curriculum (stage 0 = the toy's FLUX pretraining): first "copy" pairs (target = reference), then the task mix
+    with copies kept in it. On edits alone the model learns only global statistics; on copies it finds the SigLIP
+    route in ~2k steps.
+  - The frozen encoders' outputs are cached once per stage (train.py --cache).
 """
 
 import argparse
@@ -41,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
 import flux
-from encoders import SiglipEncoder, VLMEncoder, tiny_vlm
+from encoders import SiglipEncoder, VLMEncoder, load_siglip, tiny_vlm
+from model import Encoders, UniWorld, load_uniworld
 
 SIZE = 32  # image side in pixels
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -54,8 +52,9 @@ SHAPES = ("circle", "square", "triangle")
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 CELL = (5.5, 15.5, 25.5)  # centres of the 3x3 placement cells; shapes never overlap (radius < 5)
 TASKS = ("t2i", "recolor", "remove", "add", "segment", "edges")
+COPY, COPY_EVERY = "copy", 5  # curriculum only (train.txt keeps one copy pair per 5 references; copy.txt has all)
 WORDS = sorted({*COLORS, *BACKGROUNDS, *SHAPES, *ROWS, *COLS, "a", "at", "the", "on", "make", "remove", "add",
-                "segment", "detect", "edges", "background", "user", "assistant"})
+                "segment", "detect", "edges", "background", "copy", "image", "user", "assistant"})
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scenes and tasks, with exact ground truth
@@ -129,10 +128,10 @@ def make_sample(rng: np.random.Generator, task: str) -> dict:
     s = shapes[k]
     if task == "recolor":
         new = str(rng.choice([c for c in COLORS if c != s.color]))
-        text, target = f"make the {s.kind} {new}", draw(bg, shapes[:k] + [Shape(**{**vars(s), "color": new})]
+        text, target = f"make the {s.color} {s.kind} {new}", draw(bg, shapes[:k] + [Shape(**{**vars(s), "color": new})]
                                                         + shapes[k + 1 :])
     elif task == "remove":
-        text, target = f"remove the {s.kind}", draw(bg, shapes[:k] + shapes[k + 1 :])
+        text, target = f"remove the {s.color} {s.kind}", draw(bg, shapes[:k] + shapes[k + 1 :])
     elif task == "add":
         shapes = shapes[:1]
         ref = draw(bg, shapes)
@@ -142,7 +141,7 @@ def make_sample(rng: np.random.Generator, task: str) -> dict:
         text = f"add a {new.color} {new.kind} at the {ROWS[new.row]} {COLS[new.col]}"
         target, n = draw(bg, shapes + [new]), 1
     elif task == "segment":
-        text, target = f"segment the {s.kind}", np.where(shape_mask(s)[..., None], 255, 0).astype(np.uint8)
+        text, target = f"segment the {s.color} {s.kind}", np.where(shape_mask(s)[..., None], 255, 0).astype(np.uint8)
         target = target.repeat(3, -1)
     elif task == "edges":
         text, target = "detect the edges", edge_map(ref)
@@ -153,7 +152,10 @@ def make_sample(rng: np.random.Generator, task: str) -> dict:
 
 def make_dataset(root: str, n_train: int, n_test: int, seed: int = 0) -> None:
     """Write root/images/{train,test}/*.png, one JSON per split and task, and root/{train,test}.txt in the official
-    data.txt format `image_root,json_path,need_weight` (edits weighted, §3.5). Test pairs never occur in training."""
+    data.txt format `image_root,json_path,need_weight` (edits weighted, §3.5). Test pairs never occur in training.
+
+    The curriculum's copy pairs (target = reference, "copy the image") reuse the references' files: root/copy.txt
+    lists all of them (the first phase), train.txt one in COPY_EVERY (kept in the mix)."""
     held_out = set()
     for split, n, rng in (("test", n_test, np.random.default_rng([seed, 1])),
                           ("train", n_train, np.random.default_rng([seed, 0]))):
@@ -174,13 +176,23 @@ def make_dataset(root: str, n_train: int, n_test: int, seed: int = 0) -> None:
             records[task].append({"image": names, "task": task, "shapes": s["shapes"], "conversations": [
                 {"from": "human", "value": human}, {"from": "gpt", "value": "<gen_image>"}]})
             i += 1
+        if split == "train":  # the curriculum's copies: target = reference, the pairs' own files (nothing written)
+            copies = [{"image": [r["image"][0]] * 2, "task": COPY, "shapes": r["shapes"], "conversations": [
+                {"from": "human", "value": "copy the image\n<image>"}, {"from": "gpt", "value": "<gen_image>"}]}
+                for recs in records.values() for r in recs if len(r["image"]) == 2]
+            records[COPY] = copies[::COPY_EVERY]
+            path = os.path.abspath(os.path.join(root, "train_copy_all.json"))
+            with open(path, "w") as f:
+                json.dump(copies, f)
+            with open(os.path.join(root, "copy.txt"), "w") as f:
+                f.write(f"{os.path.abspath(os.path.join(root, 'images'))},{path},false\n")
         lines = []
         for task, recs in records.items():
             path = os.path.abspath(os.path.join(root, f"{split}_{task}.json"))
             with open(path, "w") as f:
                 json.dump(recs, f)
             lines.append(f"{os.path.abspath(os.path.join(root, 'images'))},{path},"
-                         f"{int(task in ('recolor', 'remove', 'add'))}")
+                         f"{str(task in ('recolor', 'remove', 'add')).lower()}")
         with open(os.path.join(root, f"{split}.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -202,13 +214,14 @@ def load_records(root: str, split: str) -> list[dict]:
 
 
 def toy_flux_config(hidden: int = 64, theta: int = 8) -> flux.FluxConfig:
-    """2 double + 2 single blocks, heads of 64: 48-channel tokens = 4x4 pixel patches, no guidance embedder.
+    """2 double + 2 single blocks, heads of 64: 48-channel tokens = 4x4 pixel patches; a guidance embedder like
+    FLUX.1-dev's (fed 1.0 in training and sampling), so that sample.py shifts the schedule as in training.
 
     RoPE theta 8 instead of 10,000: on an 8x8 token grid, 10 of the 14 row frequencies of theta 10,000 turn by
     less than 0.6 rad across the whole image and carry no position; with theta 8 all 14 do (w from 1 to 0.15)."""
     return flux.FluxConfig(in_channels=48, out_channels=48, vec_in_dim=16, context_in_dim=128, hidden_size=hidden,
                            num_heads=hidden // 64, depth=2, depth_single_blocks=2, axes_dim=(8, 28, 28), theta=theta,
-                           guidance_embed=False)
+                           guidance_embed=True)
 
 
 def toy_vlm(seed: int = 0, hidden: int = 64, layers: int = 2) -> VLMEncoder:
@@ -244,11 +257,10 @@ def toy_siglip(config: flux.FluxConfig | None = None, hidden: int = 128, patch: 
     return SiglipEncoder(model, SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}))
 
 
-class PixelAE:
+class PixelAE(torch.nn.Module):
     """The autoencoder stand-in: pixels in [-1, 1] (B, 3, 32, 32) <-> latents (B, 12, 16, 16) by pixel_unshuffle.
 
-    masks.loss_weights gives (1, H/8, W/8) = (1, 4, 4); resize it to the 16x16 latent grid with nearest, as the
-    official trainer does for any latent size: F.interpolate(w[None], size=(16, 16), mode="nearest")[0]."""
+    Its factor 2 is the latent grid of the edit-mask weights too (masks.loss_weights(..., factor=2))."""
 
     factor = 2
 
@@ -257,6 +269,92 @@ class PixelAE:
 
     def decode(self, z: Tensor) -> Tensor:
         return F.pixel_shuffle(z, self.factor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy as a train.py preset (--model toy) and as sample.py's built-in model (assets/toy/)
+
+EXAMPLES = {  # sample.py's defaults with the toy: `python sample.py --edit` edits examples/edit.png
+    "edit": {"prompt": "make the red circle blue", "images": ["examples/edit.png"],
+             "scenes": [("black", [("circle", "red", 0, 0, 6.0, 5.0, 4.5),
+                                   ("square", "yellow", 2, 2, 25.0, 26.0, 4.5)])]},
+    "t2i": {"prompt": "a green triangle at the middle center on white", "images": [], "scenes": []},
+}
+VLM_SEED = 0  # the frozen toy VLM (and the parameter-free SigLIP) are the same in every stage and at sampling
+
+
+def toy_models(cfg, device, ref_latents: bool = False) -> tuple[UniWorld, Encoders]:
+    """train.py's `--model toy`: stage 0 builds the toy denoiser from cfg.seed; later stages load the stage-0 export
+    given as --flux (the toy's "FLUX.1-dev": denoiser and both connectors). Stage 1 has no SigLIP (official), nor
+    has any stage with `--siglip none` (the ablation). `--model toy-ref`: ablation 2, ReferenceLatents."""
+    if cfg.flux:
+        model = load_uniworld(cfg.flux, with_vlm=False, config=toy_flux_config())[0].train()
+    else:
+        torch.manual_seed(cfg.seed)
+        model = UniWorld(flux.Flux(toy_flux_config()), vlm_dim=64, siglip_dim=128)
+    siglip = toy_siglip() if cfg.stage != 1 and cfg.siglip != "none" else None  # --siglip none: the ablation
+    encoders = (ReferenceEncoders if ref_latents else Encoders)(vlm=toy_vlm(VLM_SEED), siglip=siglip, ae=PixelAE())
+    return (ReferenceLatents.of(model) if ref_latents else model), encoders
+
+
+class ReferenceLatents(UniWorld):
+    """Ablation 2, the official `joint_ref_feature` (off in the release, and not UniWorld's method): the reference's
+    latents join the image stream as clean tokens with index 1 (as in FLUX Kontext); the output on them is dropped.
+    They ride in each sample's features ("ref", from ReferenceEncoders); text_stream hands them to velocity."""
+
+    @classmethod
+    def of(cls, model: UniWorld) -> "ReferenceLatents":
+        out = cls(model.denoiser, model.denoise_projector[0].in_features, model.siglip_projector[0].in_features)
+        out.load_state_dict(model.state_dict())
+        return out
+
+    def text_stream(self, features: list[dict], t5: Tensor | None = None) -> Tensor:
+        self.ref = torch.stack([f["ref"] for f in features])  # (B, C, h, w)
+        return super().text_stream(features, t5)
+
+    def velocity(self, x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: float) -> Tensor:
+        B, _, h, w = x.shape
+        img = torch.cat([flux.pack(x), flux.pack(self.ref.to(x))], 1)  # (B, 2 L, 4C)
+        ids = torch.cat([flux.image_ids(h, w, 0, x.device), flux.image_ids(h, w, 1, x.device)])
+        g = torch.full((B,), guidance, device=x.device, dtype=x.dtype)
+        v = self.denoiser(img, ids, txt, flux.text_ids(txt.shape[1], device=x.device), sigma.to(x.dtype), y, g)
+        return flux.unpack(v[:, : h * w // 4], h, w)
+
+
+class ReferenceEncoders(Encoders):
+    """Encoders + each sample's first reference through the pixel AE as features["ref"] (zeros for text-to-image)."""
+
+    def features(self, instructions: list[str], images: list[list], train: bool = True) -> list[dict]:
+        out = super().features(instructions, images, train)
+        for f, ims in zip(out, images, strict=True):
+            ref = [np.asarray(ims[0].convert("RGB").resize((SIZE, SIZE)))] if ims else [np.zeros((SIZE, SIZE, 3))]
+            f["ref"] = self.ae.encode(to_tensor(ref))[0] * bool(ims)  # (12, 16, 16)
+        return out
+
+
+def save_toy(folder: str, ref_latents: bool = False) -> None:
+    """Make a train.py export (the release layout: denoise_tower + the toy VLM) sample.py's toy: + siglip/, toy.json."""
+    toy_siglip().model.save_pretrained(os.path.join(folder, "siglip"))
+    for example in EXAMPLES.values():
+        for path, (background, shapes) in zip(example["images"], example["scenes"], strict=True):
+            os.makedirs(os.path.dirname(os.path.join(folder, path)), exist_ok=True)
+            Image.fromarray(draw(background, [Shape(*s) for s in shapes])).save(os.path.join(folder, path))
+    SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}).save_pretrained(os.path.join(folder, "siglip"))
+    c = toy_flux_config()
+    with open(os.path.join(folder, "toy.json"), "w") as f:
+        json.dump({"flux": {"hidden": c.hidden_size, "theta": c.theta}, "size": SIZE, "steps": 20, "guidance": 1.0,
+                   "ref_latents": ref_latents, "examples": EXAMPLES}, f, indent=1)
+
+
+def load_toy(folder: str, device=None, dtype=None) -> tuple[UniWorld, Encoders, dict]:
+    """sample.py's loader for a folder with toy.json: UniWorld + VLM from the release files, SigLIP, the pixel AE."""
+    with open(os.path.join(folder, "toy.json")) as f:
+        meta = json.load(f)
+    model, vlm = load_uniworld(folder, dtype, device, config=toy_flux_config(**meta["flux"]), vlm_pixels=56 * 56)
+    siglip = load_siglip(os.path.join(folder, "siglip"), dtype).to(device)
+    if meta["ref_latents"]:  # ablation 2
+        return ReferenceLatents.of(model).eval(), ReferenceEncoders(vlm.to(device), siglip, PixelAE()), meta
+    return model, Encoders(vlm.to(device), siglip, PixelAE()), meta  # no CLIP: the pooled vector is zeros, as trained
 
 
 def to_tensor(imgs: list[np.ndarray]) -> Tensor:
@@ -268,31 +366,19 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-@torch.no_grad()
-def encode_records(vlm: VLMEncoder, siglip: SiglipEncoder | None, records: list[dict], batch: int = 64) -> list[dict]:
-    """Frozen-encoder features of every record (model.Encoders.features), computed once; stored in fp16."""
-    from model import Encoders
+def outputs(model: UniWorld, encoders: Encoders, records: list[dict], steps: int = 20, batch: int = 50,
+            progress: bool = True) -> list[np.ndarray]:
+    """sample.generate on every record, as `python sample.py` runs it (inference prompt, seed 42 + i) -> uint8."""
+    from sample import generate
 
-    enc, out = Encoders(vlm=vlm, siglip=siglip), []
-    for i in range(0, len(records), batch):
+    out = []
+    for i in tqdm(range(0, len(records), batch), desc="sampling", disable=not progress):
         rs = records[i : i + batch]
-        texts = [r["text"] for r in rs]
-        feats = enc.features(texts, [[Image.fromarray(im) for im in r["refs"]] for r in rs])
-        out += [{k: (v.half() if k != "vision_end" and v is not None else v) for k, v in f.items()} for f in feats]
+        images = generate(model, encoders, [r["text"].replace("\n<image>", "") for r in rs],
+                          [[Image.fromarray(im) for im in r["refs"]] for r in rs], SIZE, SIZE,
+                          seeds=list(range(42 + i, 42 + i + len(rs))), steps=steps, guidance=1.0, progress=False)
+        out += [np.asarray(im) for im in images]
     return out
-
-
-@torch.no_grad()
-def generate(model, features: list[dict], steps: int = 20, seed: int = 0) -> Tensor:
-    """sample.py's sampler (Euler over FLUX's shifted schedule) on cached features -> images (B, 3, 32, 32)."""
-    from sample import denoise, get_schedule
-
-    x = torch.randn(len(features), 12, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(seed))
-    txt = model.text_stream([{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
-                              for k, v in f.items()} for f in features])
-    y = torch.zeros(len(features), model.denoiser.config.vec_in_dim)  # no CLIP in the toy: a zero pooled vector
-    x = denoise(model, x, get_schedule(steps, x.shape[-1] * x.shape[-2] // 4), txt, y, guidance=1.0, progress=False)
-    return PixelAE().decode(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,13 +442,94 @@ def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) 
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe: four train.py runs (stage 0 on copies, stage 0 on the mix, stage 1, stage 2), then the evaluation
+
+COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk_norm_lr 10 --ema_decay 0.995 "
+          "--precision fp32 --log_every 50 --val_every 1000000000 --ckpt_every 1000000000 --val_steps 20 "
+          "--val_guidance 1")
+RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the dataset's); steps at --scale 1
+    ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 4000 --cache {out}/cache/copy"),
+    ("s0", "--stage 0 --data {data}/train.txt --init {out}/s0-copy --steps 24000 --cache {out}/cache/train"),
+    ("s1", "--stage 1 --data {data}/train.txt --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
+    ("s2", "--stage 2 --data {data}/train.txt --flux {out}/s0/ema --init {out}/s1 --steps 2000 --lr 1e-4 "
+           "--warmup 0 --no-grad_ckpt --cache {out}/cache/train"),  # s0's cache
+)
+ABLATIONS = {"none": "", "no-siglip": "--siglip none", "ref-latents": "--model toy-ref",
+             "uniform": "--weighting none"}  # the three of the issue: one flag each, added to every stage
+
+
+def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threads: int = 1) -> None:
+    """Run the recipe: each stage a `python train.py` process, its EMA export made loadable by sample.py."""
+    import subprocess
+    import sys
+    import time
+
+    for name, flags in RECIPE:
+        if os.path.isdir(os.path.join(out, name, "ema")):
+            print(f"{name}: done before, kept")
+            continue
+        argv = f"{COMMON} {flags} {ABLATIONS[ablation]} --out {{out}}/{name}".format(out=out, data=data).split()
+        steps = argv.index("--steps") + 1
+        argv[steps] = str(max(1, round(int(argv[steps]) * scale)))
+        print(f"{name}: python train.py {' '.join(argv)}", flush=True)
+        t = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *argv],
+                       check=True, env=env)
+        save_toy(os.path.join(out, name, "ema"), ref_latents=ablation == "ref-latents")
+        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def evaluate_folder(folder: str, data: str, n: int | None = None, show: bool = True) -> dict:
+    """The held-out table of a toy export (a folder with toy.json) on `data`'s test split."""
+    model, encoders, _ = load_toy(folder)
+    records = load_records(data, "test")[:n]
+    return evaluate(records, outputs(model, encoders, records), show)
+
+
+def showcase(folder: str, data: str, out: str, per_task: int = 2, zoom: int = 4) -> list[str]:
+    """A PNG of held-out pairs, one row each: input | output | target (black input for t2i); -> the instructions."""
+    model, encoders, _ = load_toy(folder)
+    records = [r for t in TASKS for r in [r for r in load_records(data, "test") if r["task"] == t][:per_task]]
+    rows = [np.concatenate([r["refs"][0] if r["refs"] else np.zeros_like(r["target"]), o, r["target"]], 1)
+            for r, o in zip(records, outputs(model, encoders, records, progress=False), strict=True)]
+    grid = np.concatenate([np.pad(row, ((1, 1), (0, 0), (0, 0)), constant_values=255) for row in rows])
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(out)
+    return [f"{r['task']}: {r['text'].replace(chr(10) + '<image>', '')}" for r in records]
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="the toy world: python toy.py make DIR")
-    p.add_argument("command", choices=["make"])
-    p.add_argument("dir")
-    p.add_argument("--train", type=int, default=12_000)
-    p.add_argument("--test", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description="the toy world: make a dataset, train the recipe, evaluate a model")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("make", help="write the procedural dataset: python toy.py make DIR")
+    m.add_argument("dir")
+    m.add_argument("--train", type=int, default=12_000)
+    m.add_argument("--test", type=int, default=300)
+    m.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="the recipe through train.py: python toy.py train --data DIR --out RUN")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
+    t.add_argument("--ablation", choices=sorted(ABLATIONS), default="none")
+    t.add_argument("--threads", type=int, default=1, help="OpenMP threads of each train.py process")
+    e = sub.add_parser("eval", help="the held-out table: python toy.py eval FOLDER --data DIR")
+    e.add_argument("folder", help="assets/toy, or a recipe stage's export such as RUN/s2/ema")
+    e.add_argument("--data", required=True)
+    e.add_argument("--n", type=int, help="the first n held-out pairs only")
+    v = sub.add_parser("showcase", help="held-out input | output | target rows: python toy.py showcase FOLDER ...")
+    v.add_argument("folder")
+    v.add_argument("--data", required=True)
+    v.add_argument("--out", default="showcase.png")
     a = p.parse_args()
-    make_dataset(a.dir, a.train, a.test, a.seed)
-    print(f"wrote {a.train} training and {a.test} held-out pairs to {a.dir} (data.txt format: {a.dir}/train.txt)")
+    if a.command == "make":
+        make_dataset(a.dir, a.train, a.test, a.seed)
+        print(f"wrote {a.train} training and {a.test} held-out pairs to {a.dir} (data.txt format: {a.dir}/train.txt)")
+    elif a.command == "train":
+        train(os.path.abspath(a.data), os.path.abspath(a.out), a.scale, a.ablation, a.threads)
+        evaluate_folder(os.path.join(a.out, "s2", "ema"), a.data)
+    elif a.command == "eval":
+        torch.set_num_threads(1)
+        evaluate_folder(a.folder, a.data, a.n)
+    else:
+        print("\n".join(showcase(a.folder, a.data, a.out)) + f"\nwrote {a.out}")

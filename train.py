@@ -15,6 +15,7 @@ Stage 2 from the stage-1 run (its EMA projector) and Redux for the SigLIP projec
     torchrun --standalone --nproc_per_node=8 train.py --stage 2 --init runs/s1 --redux flux-redux-siglipv2-512.bin \\
         --data data.txt --out runs/s2 --flux FLUX.1-dev --siglip google/siglip2-so400m-patch16-512
 Resume: the same command plus --resume. Tiny random models, no weights (tests, CI): --model tiny --resolution 64.
+The toy world (--model toy, stage 0 = its FLUX pretraining; --flux = that run's export): python toy.py train.
 Every TrainConfig field is a flag (--lr 1e-4, --no-init_ema). Under --out: train_config.json, metrics.jsonl,
 checkpoints/step-N/ (torch.distributed.checkpoint), val/step-N.png; at the end raw/ and ema/ in the release layout
 (what sample.py --weights loads).
@@ -30,6 +31,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,7 @@ from tqdm import tqdm
 
 import flux
 import model as M
+import toy
 from data import Batches, EditData, build_cache, check_bad, encode
 from ema import ShardedEMA
 from encoders import QWEN_ID, SIGLIP_ID, load_clip, load_siglip, load_vlm, tiny_siglip, tiny_vlm
@@ -63,8 +66,8 @@ class TrainConfig:
     data: str = ""  # data.txt: one `image_root,json_path,need_weight` line per dataset (data.py)
     out: str = ""  # the run folder
     # models
-    model: str = "flux"  # "flux": the weights below; "tiny": random and seeded, no downloads (tests)
-    flux: str = ""  # FLUX.1-dev folder: transformer/ + vae/ (+ text_encoder/ for the pooled CLIP(""))
+    model: str = "flux"  # "flux": the weights below; "tiny": random, seeded (tests); "toy": toy.py's world
+    flux: str = ""  # FLUX.1-dev folder: transformer/ + vae/ (+ text_encoder/ for the pooled CLIP("")); toy: stage 0
     vlm: str = QWEN_ID
     siglip: str = SIGLIP_ID  # stage 2 only: stage 1 has no SigLIP tokens (official)
     redux: str = ""  # stage 2: flux-redux-siglipv2-512.bin or a Redux .safetensors -> siglip_projector
@@ -88,6 +91,7 @@ class TrainConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     weight_decay: float = 0.0
+    qk_norm_lr: float = 1.0  # lr multiplier of FLUX's q/k RMSNorm scales (1 = official; the toy world from scratch: 10)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 203  # official
@@ -160,7 +164,8 @@ def tiny_models(cfg: TrainConfig, device) -> tuple[M.UniWorld, M.Encoders]:
     return M.UniWorld(flux.Flux(flux.FLUX_CONFIGS["tiny"]), vlm_dim=64, siglip_dim=32), encoders
 
 
-MODELS = {"flux": flux_models, "tiny": tiny_models}  # a preset: (cfg, device) -> (UniWorld, Encoders)
+MODELS = {"flux": flux_models, "tiny": tiny_models, "toy": toy.toy_models,  # a preset: (cfg, device) -> models
+          "toy-ref": partial(toy.toy_models, ref_latents=True)}  # the toy world's ablation 2
 
 
 def init_from_run(model: M.UniWorld, run: str, ema: bool = True) -> None:
@@ -332,7 +337,7 @@ def build(cfg: TrainConfig, device) -> tuple[M.UniWorld, M.Encoders, set[str]]:
         log.warning("stage 2 without --init: the denoise_projector starts random (official: from stage 1)")
     if cfg.redux:
         M.load_siglip_projector(model, cfg.redux)
-    elif cfg.stage == 2 and cfg.model != "tiny":
+    elif cfg.stage == 2 and cfg.model == "flux":
         raise ValueError("stage 2 initialises the siglip_projector from FLUX Redux: pass --redux "
                          "flux-redux-siglipv2-512.bin (UniWorld-V1 README) or a Redux .safetensors")
     trainable = set(M.set_stage(model, cfg.stage))
@@ -351,10 +356,10 @@ def train(cfg: TrainConfig, device) -> None:
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
 
-    # data and models
-    data = EditData(cfg.data, cfg.resolution, cfg.buckets, cfg.weighting)
-    check_bad(data.bad_records, len(data.records) + data.bad_records, cfg.max_bad, "records", min_seen=0)
+    # models and data (the edit-mask weights live on the autoencoder's latent grid)
     model, encoders, trainable = build(cfg, device)
+    data = EditData(cfg.data, cfg.resolution, cfg.buckets, cfg.weighting, encoders.ae.factor)
+    check_bad(data.bad_records, len(data.records) + data.bad_records, cfg.max_bad, "records", min_seen=0)
     pooled = encoders.pooled([""], model.denoiser.config.vec_in_dim).to(device)  # training: CLIP("") (§1.3)
     if cfg.cache:
         fingerprint = {k: getattr(cfg, k) for k in ("resolution", "buckets", "weighting", "model", "vlm")}
@@ -362,8 +367,10 @@ def train(cfg: TrainConfig, device) -> None:
                            seed=cfg.seed if cfg.model != "flux" else None)  # random presets: seeded encoders
         build_cache(data, encoders, device, cfg.cache, fingerprint)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
+    qk = {p for n, p in model.named_parameters() if n.endswith(("query_norm.scale", "key_norm.scale"))}
+    groups = [[p for p in params if p not in qk], [p for p in params if p in qk]]  # the second: --qk_norm_lr
+    opt = torch.optim.AdamW([{"params": groups[0], "lr_mult": 1.0}, {"params": groups[1], "lr_mult": cfg.qk_norm_lr}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     ema = ShardedEMA(model, cfg.ema_decay)
     batches = Batches(data, cfg.batch_size, rank, world, cfg.seed, cfg.workers)
     noise = torch.Generator(device).manual_seed(cfg.seed + rank)  # the loss's sigmas and noise (official seed + rank)
@@ -392,7 +399,7 @@ def train(cfg: TrainConfig, device) -> None:
         B = len(batch["features"])
         counts = {"skipped": counts["skipped"] + batch["skipped"], "seen": counts["seen"] + B + batch["skipped"]}
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * group["lr_mult"]
         loss = model.loss({"latents": batch["latents"], "features": batch["features"],
                                  "weights": batch["weights"], "pooled": pooled.expand(B, -1)}, noise)
         loss.backward()

@@ -51,7 +51,7 @@ def timer(totals: dict, key: str, obj, name: str) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--size", type=int, default=None, help="output side (default: 1024 for real weights, else 64)")
+    ap.add_argument("--size", type=int, default=None, help="output side (default: 1024 real, 32 toy, 64 tiny)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--weights")
     ap.add_argument("--flux")
@@ -67,7 +67,7 @@ def main():
     else:
         model, encoders = tiny_pipeline()
         what = "tiny random models (no toy model in assets/toy yet)"
-    size = args.size or (1024 if args.weights else 64)
+    size = args.size or (1024 if args.weights else 32 if os.path.isdir(sample.TOY) else 64)
     totals = defaultdict(float)
     timer(totals, "encoders", encoders, "features")
     timer(totals, "encoders", encoders, "pooled")
@@ -79,7 +79,7 @@ def main():
     for i in range(args.runs + 1):  # the first is a warm-up
         totals.clear()
         t0 = time.perf_counter()
-        sample.generate(model, encoders, ["Make the square blue."], [[reference]], size, size, seeds=[i],
+        sample.generate(model, encoders, ["make the red square blue"], [[reference]], size, size, seeds=[i],
                         steps=args.steps, progress=False)
         runs.append({**totals, "total": time.perf_counter() - t0})
     med = {k: statistics.median(r[k] for r in runs[1:]) for k in ("encoders", "denoiser", "decode", "total")}

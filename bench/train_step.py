@@ -1,9 +1,11 @@
-"""Training throughput of train.py with and without the encoder cache, stages 1 and 2 (tiny models, CPU or GPUs).
+"""Training throughput of train.py, with and without the encoder cache, on 1 process and under torchrun (CPU or GPUs).
 
-    python bench/train_step.py [--nproc 2] [--steps 20] [--resolution 64]
+    python bench/train_step.py [--model tiny|toy] [--nproc 1 2] [--steps 20]
 
-Writes the small synthetic dataset of tests/test_data.py to a temporary folder, runs train.py under torchrun for
-each setting, and reports the median steps/s and samples/s of metrics.jsonl after the first 3 steps (warm-up).
+tiny: the random tiny models at 64², stages 1 and 2, batch 1 per rank, on tests/test_data.py's small dataset.
+toy: the toy world's stage 0 (toy.py: the whole denoiser from scratch, what most of its recipe runs), 32², batch 8
+per rank, on a small toy dataset. Each setting is one train.py run; the table has the median steps/s and samples/s of
+its metrics.jsonl after the first 3 logs (warm-up). On a busy CPU, set OMP_NUM_THREADS=1.
 """
 
 import argparse
@@ -16,37 +18,46 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import toy  # noqa: E402
 from tests.test_data import make_dataset  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--model", choices=["tiny", "toy"], default="tiny")
+    ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--resolution", type=int, default=64)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data_txt = make_dataset(os.path.join(tmp, "data"))
-        print(f"train.py --model tiny, {args.nproc} ranks, batch 1 per rank, {args.resolution}², {args.steps} steps")
-        print("| stage | encoders | steps/s | samples/s |\n|---|---|---|---|")
-        for stage in (1, 2):
-            for cached in (False, True):
-                out = os.path.join(tmp, f"s{stage}{'c' if cached else ''}")
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                       "train.py", "--model", "tiny", "--stage", str(stage), "--data", data_txt, "--out", out,
-                       "--resolution", str(args.resolution), "--steps", str(args.steps), "--log_every", "1",
-                       "--val_every", str(10 * args.steps), "--val_steps", "1", "--val_samples", "1",
-                       "--ckpt_every", str(10 * args.steps), "--max_bad", "0.9", "--workers", "0"]
-                if cached:
-                    cmd += ["--cache", os.path.join(tmp, f"cache{stage}")]
-                run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                if run.returncode:
-                    sys.exit(f"train.py failed ({' '.join(cmd)}):\n{run.stderr[-5000:]}")
-                with open(os.path.join(out, "metrics.jsonl")) as f:
-                    log = [json.loads(line) for line in f][3:-1]  # warm-up; the last step also validates
-                steps = statistics.median(m["steps_per_s"] for m in log)
-                samples = statistics.median(m["samples_per_s"] for m in log)
-                print(f"| {stage} | {'cached' if cached else 'run each step'} | {steps:.1f} | {samples:.1f} |")
+        if args.model == "toy":
+            toy.make_dataset(os.path.join(tmp, "data"), n_train=240, n_test=6)
+            data_txt, stages = os.path.join(tmp, "data", "train.txt"), (0,)
+            flags = ["--resolution", "32", "--batch_size", "8", "--lr", "2e-3", "--qk_norm_lr", "10"]
+        else:
+            data_txt, stages = make_dataset(os.path.join(tmp, "data")), (1, 2)
+            flags = ["--resolution", "64", "--batch_size", "1"]
+        print(f"train.py --model {args.model} {' '.join(flags)}, {args.steps} steps")
+        print("| stage | ranks | encoders | steps/s | samples/s |\n|---|---|---|---|---|")
+        for stage in stages:
+            for nproc in args.nproc:
+                for cached in (False, True):
+                    out = os.path.join(tmp, f"s{stage}-{nproc}{'c' if cached else ''}")
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "train.py", "--model", args.model, "--stage", str(stage), "--data", data_txt, "--out", out,
+                           *flags, "--steps", str(args.steps), "--log_every", "1", "--val_every",
+                           str(10 * args.steps), "--val_steps", "1", "--val_samples", "1", "--ckpt_every",
+                           str(10 * args.steps), "--max_bad", "0.9", "--workers", "0"]
+                    if cached:
+                        cmd += ["--cache", os.path.join(tmp, f"cache{stage}")]
+                    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                    if run.returncode:
+                        sys.exit(f"train.py failed ({' '.join(cmd)}):\n{run.stderr[-5000:]}")
+                    with open(os.path.join(out, "metrics.jsonl")) as f:
+                        log = [json.loads(line) for line in f][3:-1]  # warm-up; the last step also validates
+                    steps = statistics.median(m["steps_per_s"] for m in log)
+                    samples = statistics.median(m["samples_per_s"] for m in log)
+                    print(f"| {stage} | {nproc} | {'cached' if cached else 'run each step'} | {steps:.1f} | "
+                          f"{samples:.1f} |")
 
 
 if __name__ == "__main__":

@@ -33,15 +33,15 @@ def opencv_edit_mask(references, target):
     return np.logical_and.reduce(pixel)
 
 
-def opencv_pipeline(references, target, kind="log"):
+def opencv_pipeline(references, target, kind="log", factor=8):
     """The official steps 1-7 with OpenCV and F.max_pool2d: (pixel mask, latent mask or None, weights)."""
     mask = opencv_edit_mask(references, target)
     ratio = mask.sum() / mask.size
     if ratio == 0:
-        return mask, None, torch.ones(1, mask.shape[0] // 8, mask.shape[1] // 8)
+        return mask, None, torch.ones(1, mask.shape[0] // factor, mask.shape[1] // factor)
     if ratio < 0.001:
         raise EditTooSmall
-    pooled = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None], kernel_size=8, stride=8)[0]
+    pooled = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None], kernel_size=factor, stride=factor)[0]
     latent = opencv_close(pooled.numpy() > 0)
     w = round(WEIGHTINGS[kind](latent.size / latent.sum()), 6)
     return mask, latent, torch.where(torch.from_numpy(latent), w, 1.0)[None]
@@ -216,3 +216,21 @@ def test_weightings_start_at_one_and_increase(kind):
     assert all(w(a) < w(b) for a, b in zip(xs[:-1], xs[1:], strict=True))
     ref, tgt = pair(64, 64, [(0, 32, 0, 32)])
     assert loss_weights([ref], tgt, kind=kind).max() == pytest.approx(w(4), abs=1e-6)
+
+
+def test_other_latent_grids_and_no_weighting():
+    """factor = the autoencoder's downsampling (the toy world's pixel AE: 2): the official steps on that grid;
+    kind "none" keeps the same samples (same rejections) with every weight 1."""
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        refs, tgt = random_pair(rng)
+        try:
+            _, _, expected = opencv_pipeline(refs, tgt, factor=2)
+        except EditTooSmall:
+            with pytest.raises(EditTooSmall):
+                loss_weights(refs, tgt, factor=2)
+            with pytest.raises(EditTooSmall):
+                loss_weights(refs, tgt, kind="none", factor=2)
+            continue
+        assert torch.equal(loss_weights(refs, tgt, factor=2), expected.float())
+        assert torch.equal(loss_weights(refs, tgt, kind="none", factor=2), torch.ones_like(expected))

@@ -237,6 +237,16 @@ def test_cli_errors(tiny, case):
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(not os.path.isdir(sample.TOY), reason="no toy model in assets/toy")
+@pytest.mark.parametrize("args", [["--edit"], ["--t2i"], ["--edit", "--prompt", "make the red circle green"]])
+def test_no_arguments_but_the_mode_run_the_bundled_toy(tmp_path, capsys, args):
+    """`python sample.py --edit` edits assets/toy/examples/edit.png with its instruction, at the toy's settings."""
+    out = str(tmp_path / "out.png")
+    sample.main(args + ["--out", out])
+    assert Image.open(out).size == (32, 32)
+    assert "32x32 (h x w), 20 steps, guidance 1.0" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(os.path.isdir(sample.TOY), reason="the toy model is there")
 def test_cli_without_weights_says_what_to_pass():
     r = run("--t2i", "--prompt", "x")
@@ -260,7 +270,8 @@ def test_cli_without_weights_says_what_to_pass():
 ])
 def test_more_argument_errors_in_process(tiny, capsys, args, message):
     # the same main() as above, without a subprocess's seconds of imports
+    weights = [] if "--flux" in args else tiny.weights  # with no weights the toy's example would fill the gaps
     with pytest.raises(SystemExit) as exit:
-        sample.main([a.format(root=tiny.root) for a in args])
+        sample.main(weights + [a.format(root=tiny.root) for a in args])  # the args' flags win
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

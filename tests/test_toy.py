@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import flux
+import model as M
 import toy
 
 
@@ -20,22 +22,21 @@ def dataset(tmp_path_factory):
 
 
 def test_dataset_is_in_the_official_format(dataset):
+    """data.py reads the toy's data.txt files as any other: edits weighted, one <image> per reference, 32x32 PNGs."""
     for split, n in (("train", 36), ("test", 12)):
-        lines = open(os.path.join(dataset, f"{split}.txt")).read().split()
-        assert len(lines) == len(toy.TASKS)
-        total = 0
-        for line in lines:
-            image_root, path, need_weight = line.split(",")
-            assert need_weight in ("0", "1") and os.path.isabs(path)
-            for r in json.load(open(path)):
-                human, gpt = r["conversations"]
-                assert (human["from"], gpt["from"], gpt["value"]) == ("human", "gpt", "<gen_image>")
-                assert human["value"].count("<image>") == len(r["image"]) - 1  # one marker per reference
-                for p in r["image"]:
-                    img = Image.open(os.path.join(image_root, p))
-                    assert img.format == "PNG" and img.size == (toy.SIZE, toy.SIZE)
-                total += 1
-        assert total == n
+        records, bad = data.read_data_txt(os.path.join(dataset, f"{split}.txt"))
+        assert bad == 0
+        copies = [r for r in records if r.instruction.startswith("copy")]
+        assert len(records) - len(copies) == n and (split == "train") == bool(copies)
+        for r in records:
+            assert r.need_weight == any(r.instruction.startswith(w) for w in ("make", "remove", "add"))
+            assert r.instruction.count("<image>") == len(r.images) - 1
+            for p in r.images:
+                img = Image.open(os.path.join(r.root, p))
+                assert img.format == "PNG" and img.size == (toy.SIZE, toy.SIZE)
+    copies, _ = data.read_data_txt(os.path.join(dataset, "copy.txt"))  # the curriculum's first phase
+    assert len(copies) == 30 and all(r.images[0] == r.images[1] for r in copies)  # 5 of 6 tasks have a reference
+    assert {r.instruction for r in copies} == {"copy the image\n<image>"}
 
 
 def test_ground_truth_is_exact():
@@ -43,9 +44,10 @@ def test_ground_truth_is_exact():
     for _ in range(20):
         s = toy.make_sample(rng, "recolor")
         ref, tgt = s["refs"][0], s["target"]
-        kind, color = s["text"].split()[2:4]
+        old, kind, color = s["text"].split()[2:5]  # "make the red circle blue"
         changed = (ref != tgt).any(-1)
         assert (tgt[changed] == toy.COLORS[color]).all() and changed.any()  # only the named shape, all of it
+        assert (ref[changed] == toy.COLORS[old]).all()
         s = toy.make_sample(rng, "remove")
         changed = (s["refs"][0] != s["target"]).any(-1)
         assert (s["target"][changed] == s["target"][0, 0]).all()  # the removed shape becomes background
@@ -119,15 +121,41 @@ def test_psnr_and_palette_classification():
     assert toy.classify(noisy)[0, 0] == list(toy.COLORS).index("blue")
 
 
-def test_features_through_the_real_condition_stream_and_sampler(dataset):
-    """Cached toy features go through model.UniWorld and sample.py's sampler: one 32x32 image per record."""
-    import model as M
-
-    records = toy.load_records(dataset, "test")[:3]
-    feats = toy.encode_records(toy.toy_vlm(), toy.toy_siglip(), records)
-    assert [len(f["siglip"]) for f in feats] == [len(r["refs"]) for r in records]  # t2i: no SigLIP block
-    assert all(f["siglip"].shape == (1, 64, 128) for f in feats if len(f["siglip"]))  # one token per patch
+def test_reference_latents_ablation_puts_the_reference_in_the_image_stream():
+    """Ablation 2: the reference's pixel latents ride in the features and change the velocity; t2i gets zeros."""
     torch.manual_seed(0)
-    uw = M.UniWorld(flux.Flux(toy.toy_flux_config()), vlm_dim=64, siglip_dim=128).eval()
-    out = toy.generate(uw, feats, steps=2)
-    assert out.shape == (3, 3, toy.SIZE, toy.SIZE) and torch.isfinite(out).all()
+    model = toy.ReferenceLatents.of(M.UniWorld(flux.Flux(toy.toy_flux_config()), 64, 128)).eval()
+    enc = toy.ReferenceEncoders(toy.toy_vlm(), toy.toy_siglip(), toy.PixelAE())
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(toy.make_sample(rng, "recolor")["refs"][0]) for _ in range(2)]
+    feats = enc.features(["make the red circle blue\n<image>"] * 2 + ["a red circle at the top left on black"],
+                         [[refs[0]], [refs[1]], []])
+    assert torch.equal(feats[0]["ref"], toy.PixelAE().encode(toy.to_tensor([np.asarray(refs[0])]))[0])
+    assert not feats[2]["ref"].any()
+    x, sigma, y = torch.randn(3, 12, 16, 16), torch.full((3,), 0.5), torch.zeros(3, 16)
+    with torch.no_grad():
+        v = model.velocity(x, sigma, model.text_stream(feats), y, 1.0)
+        feats[0]["ref"] = feats[1]["ref"]
+        v2 = model.velocity(x, sigma, model.text_stream(feats), y, 1.0)
+    assert v.shape == x.shape and not torch.allclose(v[0], v2[0]) and torch.equal(v[1:], v2[1:])
+
+
+def test_recipe_through_train_py_learns_and_samples(tmp_path):
+    """CI's shortened toy training: the four train.py runs of the recipe at 1% of their steps; the stage-0 loss
+    falls, every stage exports a model sample.py loads, and the held-out evaluation runs on it (~1 min)."""
+    root, run = str(tmp_path / "data"), str(tmp_path / "run")
+    toy.make_dataset(root, n_train=120, n_test=12, seed=0)
+    toy.train(root, run, scale=0.01)  # 40 copy steps, 240 mix steps, 5 + 20 in stages 1 and 2
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
+    assert len(losses) == 5 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
+    for stage in ("s0-copy", "s0", "s1", "s2"):
+        assert os.path.isfile(os.path.join(run, stage, "ema", "toy.json"))
+    rows = toy.evaluate_folder(os.path.join(run, "s2", "ema"), root, show=False)
+    assert set(rows) == set(toy.TASKS) and all(r["n"] == 2 for r in rows.values())
+    import sample
+
+    out = str(tmp_path / "edit.png")
+    sample.main(["--weights", os.path.join(run, "s2", "ema"), "--edit", "--image",
+                 os.path.join(run, "s2", "ema", "examples", "edit.png"), "--prompt", "make the red circle blue",
+                 "--steps", "4", "--guidance", "1", "--height", "32", "--width", "32", "--out", out])
+    assert Image.open(out).size == (toy.SIZE, toy.SIZE)

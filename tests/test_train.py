@@ -187,19 +187,37 @@ def test_too_much_bad_data_stops_the_run(tmp_path, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_bf16_mixed_precision_stage2_with_validation(tmp_path, monkeypatch):
-    """The GPU recipe's FSDP2 bf16 policy, on the CPU: training, validation under the EMA, export (gloo, 1 rank)."""
-    data_txt = make_dataset(tmp_path / "data")
+def world_of_one(monkeypatch) -> None:
+    """torchrun's environment for one process on a free port, so that train.main runs in this process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         monkeypatch.setenv(key, str(value))
+
+
+def test_bf16_mixed_precision_stage2_with_validation(tmp_path, monkeypatch):
+    """The GPU recipe's FSDP2 bf16 policy, on the CPU: training, validation under the EMA, export (gloo, 1 rank)."""
+    data_txt = make_dataset(tmp_path / "data")
+    world_of_one(monkeypatch)
     out = tmp_path / "run"
     T.main([*COMMON, "--stage", "2", "--precision", "bf16", "--data", data_txt, "--out", str(out), "--steps", "2",
             "--val_every", "2"])
     assert all(math.isfinite(m["loss"]) for m in metrics(out)) and len(metrics(out)) == 2
     assert os.path.isfile(out / "val" / "step-00000002.png")
+
+
+def test_qk_norm_lr_multiplies_the_learning_rate_of_the_qk_norm_scales(tmp_path, monkeypatch):
+    """--qk_norm_lr 0 freezes the q/k RMSNorm scales (its own optimizer group) while the rest of stage 2 learns."""
+    data_txt = make_dataset(tmp_path / "data")
+    world_of_one(monkeypatch)
+    out = tmp_path / "run"
+    T.main([*COMMON, "--stage", "2", "--data", data_txt, "--out", str(out), "--steps", "2", "--qk_norm_lr", "0",
+            "--lr", "1e-3"])
+    moved = changed(initial(2), weights(out / "raw"))
+    qk = {n for n in initial(2) if n.endswith(("query_norm.scale", "key_norm.scale"))}
+    assert qk and not moved & qk
+    assert moved == {n for n in initial(2) if re.match(M.STAGES[2], n)} - qk
 
 
 def test_config_stage_defaults_and_overrides():
