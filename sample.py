@@ -28,7 +28,9 @@ accept its licence on huggingface.co, then `hf auth login`). --flux needs vae/, 
 joint T5, text_encoder_2/ and tokenizer_2/. With --weights alone, --flux and --siglip default to these hub ids:
     python sample.py --weights LanguageBind/UniWorld-V1 --flux black-forest-labs/FLUX.1-dev \\
         --siglip google/siglip2-so400m-patch16-512 --edit --image cat.png --prompt "Make it snow."
-With no weight arguments it runs the built-in toy model from assets/toy/.
+With no weight arguments it runs the built-in toy model of assets/toy/ (toy.py: 32x32 scenes of flat shapes):
+    python sample.py --edit                                         # edits its bundled example
+    python sample.py --edit --image my32.png --prompt "segment the red circle"
 """
 
 from __future__ import annotations

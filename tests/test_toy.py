@@ -159,3 +159,10 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
                  os.path.join(run, "s2", "ema", "examples", "edit.png"), "--prompt", "make the red circle blue",
                  "--steps", "4", "--guidance", "1", "--height", "32", "--width", "32", "--out", out])
     assert Image.open(out).size == (toy.SIZE, toy.SIZE)
+
+
+def test_a_focused_run_trains_on_its_tasks_and_the_copies_only(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "RECIPE", ())  # the data selection only, no training
+    toy.train(dataset, str(tmp_path), tasks=["recolor"])
+    records, _ = data.read_data_txt(str(tmp_path / "train.txt"))
+    assert {r.instruction.split()[0] for r in records} == {"make", "copy"}
