@@ -338,11 +338,11 @@ class ReferenceEncoders(Encoders):
 def save_toy(folder: str, ref_latents: bool = False) -> None:
     """Make a train.py export (the release layout: denoise_tower + the toy VLM) sample.py's toy: + siglip/, toy.json."""
     toy_siglip().model.save_pretrained(os.path.join(folder, "siglip"))
+    SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}).save_pretrained(os.path.join(folder, "siglip"))
     for example in EXAMPLES.values():
         for path, (background, shapes) in zip(example["images"], example["scenes"], strict=True):
             os.makedirs(os.path.dirname(os.path.join(folder, path)), exist_ok=True)
             Image.fromarray(draw(background, [Shape(*s) for s in shapes])).save(os.path.join(folder, path))
-    SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}).save_pretrained(os.path.join(folder, "siglip"))
     c = toy_flux_config()
     with open(os.path.join(folder, "toy.json"), "w") as f:
         json.dump({"flux": {"hidden": c.hidden_size, "theta": c.theta}, "size": SIZE, "steps": 20, "guidance": 1.0,
@@ -363,10 +363,6 @@ def load_toy(folder: str, device=None, dtype=None) -> tuple[UniWorld, Encoders, 
 def to_tensor(imgs: list[np.ndarray]) -> Tensor:
     """uint8 (H, W, 3) images -> (B, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_uint8(x: Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def outputs(model: UniWorld, encoders: Encoders, records: list[dict], steps: int = 20, batch: int = 50,
