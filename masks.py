@@ -146,9 +146,9 @@ def edit_mask(references: list[Image.Image], target: Image.Image) -> np.ndarray:
 
 
 def _to_latent_grid(m: np.ndarray, factor: int = VAE_FACTOR) -> np.ndarray:
-    """Step 6: (H, W) -> (H // 8, W // 8): max-pool with kernel = stride = 8 (floor, like F.max_pool2d), close again.
+    """Step 6: (H, W) -> (H // f, W // f): max-pool with kernel = stride = f (floor, like F.max_pool2d), close again.
 
-    `factor` is the autoencoder's downsampling: 8 for FLUX's VAE, 2 for the toy world's pixel unshuffle."""
+    f = `factor`, the autoencoder's downsampling: 8 for FLUX's VAE (official), 2 for the toy world's pixel AE."""
     h, w = m.shape[0] // factor, m.shape[1] // factor
     rows = m[: h * factor, : w * factor].reshape(h, factor, w * factor).any(axis=1)
     return _close(rows.reshape(h, w, factor).any(axis=2))
@@ -158,7 +158,7 @@ def loss_weights(
     references: list[Image.Image], target: Image.Image, kind: str = "log", need_weight: bool = True,
     factor: int = VAE_FACTOR,
 ) -> torch.Tensor:
-    """§3.5 loss weights per latent pixel, (1, H // 8, W // 8) float32: w(A_total / A_edit) on the edit, 1 elsewhere.
+    """§3.5 loss weights per latent pixel, (1, H // factor, W // factor) float32: w(A_total / A_edit) on the edit.
 
     `references` is empty for text-to-image; `need_weight` is the per-dataset switch (3rd column of data.txt); kind
     "none" keeps every weight at 1. Raises EditTooSmall when the edit covers under 0.1% of the image.

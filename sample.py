@@ -237,19 +237,21 @@ def toy_defaults(args) -> None:
     """No weights given: the toy model of assets/toy/, its sampling settings (32x32, 20 steps, guidance 1) and its
     bundled example: `python sample.py --edit` edits assets/toy/examples/edit.png as its toy.json says."""
     toy_json = os.path.join(TOY, "toy.json")
+    defaults = {"steps": 28, "guidance": 3.5}  # the official inference
     if args.weights is None and not (args.flux or args.siglip) and os.path.isfile(toy_json):
         with open(toy_json) as f:
             meta = json.load(f)
         example = meta["examples"]["t2i" if args.t2i else "edit"]
         if args.prompt is None and not args.image and args.ask is None:
             args.prompt = example["prompt"]
-        if not args.image and not args.t2i:
+        if args.edit and not args.image:
             args.image = [os.path.join(TOY, p) for p in example["images"]]
-        args.steps, args.guidance = args.steps or meta["steps"], meta["guidance"] if args.guidance is None \
-            else args.guidance
         if args.height is None and args.width is None and args.area is None:
             args.height = args.width = meta["size"]
-    args.steps, args.guidance = args.steps or 28, 3.5 if args.guidance is None else args.guidance
+        defaults = {"steps": meta["steps"], "guidance": meta["guidance"]}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def check_args(args) -> None:
