@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -92,22 +91,32 @@ class UniWorld(nn.Module):
         """Per-sample features -> FLUX text tokens (B, L, ctx), left-padded with zeros (§1.3).
 
         Sample layout: ... <|vision_start|> [Qwen image tokens] [SigLIP tokens of that image] <|vision_end|> ...
-        Optional T5 tokens (B, L_t5, ctx) are appended at inference; text ids are zero, so order does not matter."""
-        rows = []
-        for b, f in enumerate(features):
-            vlm = self.denoise_projector(f["vlm"])  # (L, ctx)
-            pieces, start = [], 0
+        Optional T5 tokens (B, L_t5, ctx) are appended at inference; text ids are zero, so order does not matter.
+        Each connector runs once over the whole batch's tokens, and one gather lays them out: a per-sample loop
+        of small kernels would bound a GPU step at toy sizes."""
+        vlm = self.denoise_projector(torch.cat([f["vlm"] for f in features]))  # (sum L, ctx)
+        sigs = [f["siglip"] for f in features if f.get("siglip") is not None]  # each (n_img, T, siglip_dim)
+        sig = self.siglip_projector(torch.cat(sigs)).flatten(0, 1) if sigs else vlm[:0]  # (sum n_img*T, ctx)
+        table = [vlm.new_zeros(1, vlm.shape[1]), vlm, sig]  # row 0: the padding
+        if t5 is not None:
+            table.append(t5.flatten(0, 1).to(vlm.dtype))  # (B * L_t5, ctx)
+        rows, v, s, t = [], 1, 1 + len(vlm), 1 + len(vlm) + len(sig)  # next unused row of each part
+        for f in features:
+            order, start = [], 0  # this sample's table rows, in stream order
             if f.get("siglip") is not None:
-                sig = self.siglip_projector(f["siglip"])  # (n_img, T, ctx)
-                for j, end in enumerate(f["vision_end"].tolist()):
-                    pieces += [vlm[start:end], sig[j]]
-                    start = end
-            pieces.append(vlm[start:])
+                T = f["siglip"].shape[1]
+                for end in f["vision_end"].tolist():  # image j's SigLIP block before its <|vision_end|>
+                    order += [*range(v + start, v + end), *range(s, s + T)]
+                    start, s = end, s + T
+            order += range(v + start, v + len(f["vlm"]))
+            v += len(f["vlm"])
             if t5 is not None:
-                pieces.append(t5[b].to(vlm.dtype))
-            rows.append(torch.cat(pieces))
-        length = max(len(r) for r in rows)
-        return torch.stack([F.pad(r, (0, 0, length - len(r), 0)) for r in rows])  # official: zeros on the left
+                order += range(t, t + t5.shape[1])
+                t += t5.shape[1]
+            rows.append(order)
+        length = max(map(len, rows))
+        index = torch.tensor([[0] * (length - len(r)) + r for r in rows], device=vlm.device)  # official: pad left
+        return torch.cat(table)[index]  # (B, length, ctx)
 
     def velocity(self, x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: float) -> Tensor:
         """FLUX's velocity prediction for latents x (B, C, h, w) at noise level sigma (B,) -> (B, C, h, w)."""

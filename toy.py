@@ -460,9 +460,12 @@ ABLATIONS = {"none": "", "no-siglip": "--siglip none", "ref-latents": "--model t
 
 
 def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threads: int = 1,
-          tasks: list[str] | None = None) -> None:
+          tasks: list[str] | None = None, flags: str = "", minutes: float | None = None) -> None:
     """Run the recipe: each stage a `python train.py` process, its EMA export made loadable by sample.py. `scale`
-    multiplies every stage's steps; `tasks` keeps only those tasks (and the copies) of train.txt: a focused run."""
+    multiplies every stage's steps; `tasks` keeps only those tasks (and the copies) of train.txt: a focused run.
+    `flags` go to every train.py call (a GPU's "--batch_size 64 --workers 8"); `minutes` sizes the long stage-0 run
+    from the speed of the copy stage so that the whole recipe ends in that time (a lent GPU's time)."""
+    start, rate = time.perf_counter(), None  # rate: steps per second of wall time, measured on the copy stage
     train_txt = os.path.join(data, "train.txt")
     if tasks:
         keep = [f"train_{t}.json" for t in (*tasks, COPY)]
@@ -471,21 +474,26 @@ def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threa
         train_txt = os.path.join(out, "train.txt")
         with open(train_txt, "w") as f:
             f.write("\n".join(lines) + "\n")
-    for name, flags in RECIPE:
+    for name, stage_flags in RECIPE:
         if os.path.isdir(os.path.join(out, name, "ema")):
             print(f"{name}: done before, kept")
             continue
-        argv = f"{COMMON} {flags} {ABLATIONS[ablation]} --out {out}/{name}".format(out=out, data=data, train=train_txt)
-        argv = argv.split()
+        argv = f"{COMMON} {stage_flags} {ABLATIONS[ablation]} {flags} --out {out}/{name}"
+        argv = argv.format(out=out, data=data, train=train_txt).split()
         steps = argv.index("--steps") + 1
         argv[steps] = str(max(1, round(int(argv[steps]) * scale)))
+        if name == "s0" and minutes and rate:  # the time left, less the short stages after it at the same speed
+            after = sum(int(f.split("--steps ")[1].split()[0]) * scale for n, f in RECIPE if n in ("s1", "s2"))
+            argv[steps] = str(max(1, int((minutes * 60 - (time.perf_counter() - start)) * rate - after)))
         print(f"{name}: python train.py {' '.join(argv)}", flush=True)
         t = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *argv],
                        check=True, env=env)
         save_toy(os.path.join(out, name, "ema"), ref_latents=ablation == "ref-latents")
-        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+        t = time.perf_counter() - t
+        rate = rate or int(argv[steps]) / t
+        print(f"{name}: {t:.0f} s", flush=True)
 
 
 def evaluate_folder(folder: str, data: str, n: int | None = None, show: bool = True,
@@ -522,6 +530,8 @@ if __name__ == "__main__":
     t.add_argument("--ablation", choices=sorted(ABLATIONS), default="none")
     t.add_argument("--threads", type=int, default=1, help="OpenMP threads of each train.py process")
     t.add_argument("--tasks", nargs="+", choices=TASKS, help="train (and evaluate) only these tasks")
+    t.add_argument("--flags", default="", help='more train.py flags for every stage, e.g. "--batch_size 64"')
+    t.add_argument("--minutes", type=float, help="fit the recipe in this time: stage 0's steps from the copies' speed")
     e = sub.add_parser("eval", help="the held-out table: python toy.py eval FOLDER --data DIR")
     e.add_argument("folder", help="assets/toy, or a recipe stage's export such as RUN/s2/ema")
     e.add_argument("--data", required=True)
@@ -535,7 +545,8 @@ if __name__ == "__main__":
         make_dataset(a.dir, a.train, a.test, a.seed)
         print(f"wrote {a.train} training and {a.test} held-out pairs to {a.dir} (data.txt format: {a.dir}/train.txt)")
     elif a.command == "train":
-        train(os.path.abspath(a.data), os.path.abspath(a.out), a.scale, a.ablation, a.threads, a.tasks)
+        train(os.path.abspath(a.data), os.path.abspath(a.out), a.scale, a.ablation, a.threads, a.tasks, a.flags,
+              a.minutes)
         torch.set_num_threads(1)
         evaluate_folder(os.path.join(a.out, "s2", "ema"), a.data, tasks=a.tasks)
     elif a.command == "eval":

@@ -370,7 +370,8 @@ def train(cfg: TrainConfig, device) -> None:
     qk = {p for n, p in model.named_parameters() if n.endswith(("query_norm.scale", "key_norm.scale"))}
     groups = [[p for p in params if p not in qk], [p for p in params if p in qk]]  # the second: --qk_norm_lr
     opt = torch.optim.AdamW([{"params": groups[0], "lr_mult": 1.0}, {"params": groups[1], "lr_mult": cfg.qk_norm_lr}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            fused=True)  # one kernel for all tensors: the per-tensor loop dominates small steps
     ema = ShardedEMA(model, cfg.ema_decay)
     batches = Batches(data, cfg.batch_size, rank, world, cfg.seed, cfg.workers)
     noise = torch.Generator(device).manual_seed(cfg.seed + rank)  # the loss's sigmas and noise (official seed + rank)
@@ -416,8 +417,7 @@ def train(cfg: TrainConfig, device) -> None:
             dist.all_reduce(totals)  # summed over ranks
             loss_avg, skipped, seen = totals.tolist()
             check_bad(int(skipped), int(seen), cfg.max_bad)
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP2: sharded
             dt = time.perf_counter() - t0
             record = {"step": step, "epoch": batches.epoch, "loss": loss_avg / (n * world), "lr": lr_at(step, cfg),
                       "grad_norm": grad_norm.item(), "steps_per_s": n / dt, "samples_per_s": n * B * world / dt,

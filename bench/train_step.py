@@ -1,11 +1,11 @@
 """Training throughput of train.py, with and without the encoder cache, on 1 process and under torchrun (CPU or GPUs).
 
-    python bench/train_step.py [--model tiny|toy] [--nproc 1 2] [--steps 20]
+    python bench/train_step.py [--model tiny|toy] [--nproc 1 2] [--steps 20] [--batch 8] [--workers 0]
 
 tiny: the random tiny models at 64², stages 1 and 2, batch 1 per rank, on tests/test_data.py's small dataset.
-toy: the toy world's stage 0 (toy.py: the whole denoiser from scratch, what most of its recipe runs), 32², batch 8
-per rank, on a small toy dataset. Each setting is one train.py run; the table has the median steps/s and samples/s of
-its metrics.jsonl after the first 3 logs (warm-up). On a busy CPU, set OMP_NUM_THREADS=1.
+toy: the toy world's stage 0 (toy.py: the whole denoiser from scratch, what most of its recipe runs), 32², --batch
+pairs per rank (8), on a toy dataset of 30 batches. Each setting is one train.py run; the table has the median
+steps/s and samples/s of its metrics.jsonl after the first 3 logs (warm-up). On a busy CPU, set OMP_NUM_THREADS=1.
 """
 
 import argparse
@@ -27,12 +27,14 @@ def main():
     ap.add_argument("--model", choices=["tiny", "toy"], default="tiny")
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8, help="toy: pairs per rank and step")
+    ap.add_argument("--workers", type=int, default=0, help="data loader processes per rank")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "toy":
-            toy.make_dataset(os.path.join(tmp, "data"), n_train=240, n_test=6)
+            toy.make_dataset(os.path.join(tmp, "data"), n_train=30 * args.batch, n_test=6)
             data_txt, stages = os.path.join(tmp, "data", "train.txt"), (0,)
-            flags = ["--resolution", "32", "--batch_size", "8", "--lr", "2e-3", "--qk_norm_lr", "10"]
+            flags = ["--resolution", "32", "--batch_size", str(args.batch), "--lr", "2e-3", "--qk_norm_lr", "10"]
         else:
             data_txt, stages = make_dataset(os.path.join(tmp, "data")), (1, 2)
             flags = ["--resolution", "64", "--batch_size", "1"]
@@ -46,7 +48,7 @@ def main():
                            "train.py", "--model", args.model, "--stage", str(stage), "--data", data_txt, "--out", out,
                            *flags, "--steps", str(args.steps), "--log_every", "1", "--val_every",
                            str(10 * args.steps), "--val_steps", "1", "--val_samples", "1", "--ckpt_every",
-                           str(10 * args.steps), "--max_bad", "0.9", "--workers", "0"]
+                           str(10 * args.steps), "--max_bad", "0.9", "--workers", str(args.workers)]
                     if cached:
                         cmd += ["--cache", os.path.join(tmp, f"cache{stage}")]
                     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

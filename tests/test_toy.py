@@ -147,7 +147,8 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
     toy.train(root, run, scale=0.01)  # 40 copy steps, 240 mix steps, 5 + 20 in stages 1 and 2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
-    assert len(losses) == 5 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
+    steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
+    assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
     for stage in ("s0-copy", "s0", "s1", "s2"):
         assert os.path.isfile(os.path.join(run, stage, "ema", "toy.json"))
     rows = toy.evaluate_folder(os.path.join(run, "s2", "ema"), root, show=False)
@@ -166,3 +167,25 @@ def test_a_focused_run_trains_on_its_tasks_and_the_copies_only(dataset, tmp_path
     toy.train(dataset, str(tmp_path), tasks=["recolor"])
     records, _ = data.read_data_txt(str(tmp_path / "train.txt"))
     assert {r.instruction.split()[0] for r in records} == {"make", "copy"}
+
+
+def test_recipe_flags_and_time_budget(tmp_path, monkeypatch):
+    """--flags reach every stage after the recipe's own (argparse keeps the last); --minutes sizes stage 0 from the
+    copy stage's speed: here a fake clock that advances 10 s per reading and train.py runs that only export."""
+    runs = []
+
+    def fake_run(cmd, check, env):
+        argv = cmd[2:]
+        runs.append(argv)
+        os.makedirs(os.path.join(argv[argv.index("--out") + 1], "ema"))
+
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(toy.subprocess, "run", fake_run)
+    monkeypatch.setattr(toy.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(toy, "save_toy", lambda folder, ref_latents: None)
+    toy.train(str(tmp_path / "data"), str(tmp_path / "run"), flags="--batch_size 64", minutes=1.0)
+    assert [a[a.index("--out") + 1].rsplit("/", 1)[1] for a in runs] == ["s0-copy", "s0", "s1", "s2"]
+    assert all(a[-4:-2] == ["--batch_size", "64"] and a.count("--batch_size") == 2 for a in runs)
+    steps = [int(a[a.index("--steps") + 1]) for a in runs]
+    # copies: 4,000 steps in 10 s -> 400 steps/s; stage 0 at 30 s: (60 - 30) s * 400 - (500 + 2,000) = 9,500
+    assert steps == [4000, 9500, 500, 2000]
