@@ -1,10 +1,13 @@
 """Training throughput of train.py, with and without the encoder cache, on 1 process and under torchrun (CPU or GPUs).
 
-    python bench/train_step.py [--model tiny|toy] [--nproc 1 2] [--steps 20] [--batch 8] [--workers 0]
+    python bench/train_step.py [--model tiny|toy|mid] [--nproc 1 2] [--steps 20] [--batch 8] [--workers 0]
 
 tiny: the random tiny models at 64², stages 1 and 2, batch 1 per rank, on tests/test_data.py's small dataset.
 toy: the toy world's stage 0 (toy.py: the whole denoiser from scratch, what most of its recipe runs), 32², --batch
-pairs per rank (8), on a toy dataset of 30 batches. Each setting is one train.py run; the table has the median
+pairs per rank (8), on a toy dataset of 30 batches.
+mid: the tiny encoders with a mid-size FLUX (bench/flux_forward.py's: hidden 512, 4 double + 8 single blocks, 71M
+parameters), 256² (256 image tokens), stages 1 and 2, batch 1 per rank; this script is then torchrun's entry point
+too, adding the preset to train.MODELS. Each setting is one train.py run; the table has the median
 steps/s and samples/s of its metrics.jsonl after the first 3 logs (warm-up). On a busy CPU, set OMP_NUM_THREADS=1.
 """
 
@@ -18,13 +21,25 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import flux  # noqa: E402
+import model as M  # noqa: E402
 import toy  # noqa: E402
+import train  # noqa: E402
 from tests.test_data import make_dataset  # noqa: E402
+
+MID = flux.FluxConfig(vec_in_dim=16, context_in_dim=512, hidden_size=512, num_heads=8, depth=4, depth_single_blocks=8,
+                      axes_dim=(8, 28, 28))
+
+
+def mid_models(cfg, device):
+    """train.py's tiny preset with the mid-size FLUX in place of the tiny one."""
+    _, encoders = train.tiny_models(cfg, device)
+    return M.UniWorld(flux.Flux(MID), vlm_dim=64, siglip_dim=32), encoders
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "toy"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "toy", "mid"], default="tiny")
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8, help="toy: pairs per rank and step")
@@ -37,7 +52,8 @@ def main():
             flags = ["--resolution", "32", "--batch_size", str(args.batch), "--lr", "2e-3", "--qk_norm_lr", "10"]
         else:
             data_txt, stages = make_dataset(os.path.join(tmp, "data")), (1, 2)
-            flags = ["--resolution", "64", "--batch_size", "1"]
+            flags = ["--resolution", "256" if args.model == "mid" else "64", "--batch_size", "1"]
+        entry = ["bench/train_step.py", "--worker"] if args.model == "mid" else ["train.py"]
         print(f"train.py --model {args.model} {' '.join(flags)}, {args.steps} steps")
         print("| stage | ranks | encoders | steps/s | samples/s |\n|---|---|---|---|---|")
         for stage in stages:
@@ -45,7 +61,7 @@ def main():
                 for cached in (False, True):
                     out = os.path.join(tmp, f"s{stage}-{nproc}{'c' if cached else ''}")
                     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "train.py", "--model", args.model, "--stage", str(stage), "--data", data_txt, "--out", out,
+                           *entry, "--model", args.model, "--stage", str(stage), "--data", data_txt, "--out", out,
                            *flags, "--steps", str(args.steps), "--log_every", "1", "--val_every",
                            str(10 * args.steps), "--val_steps", "1", "--val_samples", "1", "--ckpt_every",
                            str(10 * args.steps), "--max_bad", "0.9", "--workers", str(args.workers)]
@@ -63,4 +79,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--worker"]:  # a torchrun rank of the mid preset: train.py with MODELS["mid"]
+        train.MODELS["mid"] = mid_models
+        train.main(sys.argv[2:])
+    else:
+        main()
