@@ -105,7 +105,7 @@ class UniWorld(nn.Module):
             order, start = [], 0  # this sample's table rows, in stream order
             if f.get("siglip") is not None:
                 T = f["siglip"].shape[1]
-                for end in f["vision_end"].tolist():  # image j's SigLIP block before its <|vision_end|>
+                for end in f["vision_end"].tolist():  # each image's SigLIP block before its <|vision_end|>
                     order += [*range(v + start, v + end), *range(s, s + T)]
                     start, s = end, s + T
             order += range(v + start, v + len(f["vlm"]))
