@@ -70,14 +70,11 @@ AE_CONFIGS = {"flux": AutoEncoderConfig(),  # tiny: 8x down like FLUX's, so mask
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000, time_factor: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding of t in [0, 1] (or a raw guidance scale), scaled by 1000, cos first (BFL layers.py).
-
-    The one numerical difference from BFL and diffusers, which multiply by 1000 in the input's dtype: in bf16 that
-    rounds 0.7 * 1000 to 700 and a guidance of 3.5 * 1000 to 3504, moving the embedding by 19% and 69%. In fp32 all
-    three agree exactly."""
+    """Sinusoidal embedding of t in [0, 1] (or a raw guidance scale), scaled by 1000 in fp32, cos first (BFL layers.py;
+    BFL and diffusers scale in the input dtype, which in bf16 rounds 0.7 * 1000 to 700: README, Performance)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (time_factor * t.float())[:, None] * freqs[None]  # (B, half); x1000 in fp32, see below
+    args = (time_factor * t.float())[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 

@@ -86,12 +86,12 @@ def forward_section(args, config, device, dtype, peak) -> None:
              txt_ids=flux.text_ids(args.txt, device=device), timesteps=torch.tensor([0.7], device=device, dtype=dtype),
              y=torch.randn(1, config.vec_in_dim, device=device, dtype=dtype, generator=g),
              guidance=torch.tensor([3.5], device=device, dtype=dtype))
-    runs = {
-        "ours": lambda: ours(**x),
-        "diffusers": lambda: ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                                 timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"],
-                                 guidance=x["guidance"], return_dict=False)[0],
-    }
+    def diffusers(x):  # our argument names -> diffusers'
+        return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                   timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"],
+                   return_dict=False)[0]
+
+    runs = {"ours": lambda: ours(**x), "diffusers": lambda: diffusers(x)}
     fl = flops_per_forward(config, side * side, args.txt)
     print(f"\n1-2. forward, {side * side} image + {args.txt} text tokens, batch 1, {dtype}; {fl / 1e12:.1f} TFLOP each")
     print("| model | compiled | ms / step | MFU | 28 steps s |\n|---|---|---|---|---|")
@@ -109,10 +109,8 @@ def forward_section(args, config, device, dtype, peak) -> None:
                 print(f"| {name} | {'yes' if compiled else 'no'} | {t * 1e3:.0f} | {mfu} | {28 * t:.2f} |")
         # the yardstick for the bf16 difference: diffusers in fp32 on the same weights (run eagerly)
         with torch.compiler.set_stance("force_eager"):
-            x32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
-            exact = ref.float()(hidden_states=x32["img"], encoder_hidden_states=x32["txt"],
-                                pooled_projections=x32["y"], timestep=x32["timesteps"], img_ids=x32["img_ids"],
-                                txt_ids=x32["txt_ids"], guidance=x32["guidance"], return_dict=False)[0]
+            ref.float()
+            exact = diffusers({k: v.float() if v.is_floating_point() else v for k, v in x.items()})
     pairs = {"ours vs diffusers": (out["ours"], out["diffusers"]), "ours vs fp32": (out["ours"], exact),
              "diffusers vs fp32": (out["diffusers"], exact)}
     print("relative difference |a - b| / |b| (same weights, eager): "
