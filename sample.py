@@ -30,7 +30,7 @@ joint T5, text_encoder_2/ and tokenizer_2/. With --weights alone, --flux and --s
         --siglip google/siglip2-so400m-patch16-512 --edit --image cat.png --prompt "Make it snow."
 With no weight arguments it runs the built-in toy model of assets/toy/ (toy.py: 32x32 scenes of flat shapes):
     python sample.py --edit                                         # edits its bundled example
-    python sample.py --edit --image my32.png --prompt "segment the red circle"
+    python sample.py --edit --image my32.png --prompt "segment the red circle at the top left"
 """
 
 from __future__ import annotations

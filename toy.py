@@ -6,8 +6,10 @@ reference enters only through the two encoders, never as pixels or latents in th
 
 A first faithful attempt learned nothing spatial (shared/reference/toy_findings.md). The levers used here, and why:
   - Word vocabulary: every word of the toy grammar is one Qwen token (tiny_vlm(words=...)).
-  - Instructions name the source colour ("make the red circle blue", "segment the red circle"): the random toy VLM
-    cannot recognise shapes as Qwen2.5-VL does, so every edit is decidable per patch from the instruction.
+  - Instructions name the edited shape by colour, kind and cell ("make the red circle at the top left blue",
+    "segment the red circle at the top left"). Qwen2.5-VL grounds "the red circle" in the reference; the random toy
+    VLM cannot, so the denoiser must find the shape itself. With the colour alone it never did: it applied each edit
+    to every shape. With the cell named, where to act is read from the words as in text-to-image and add.
   - Structured SigLIP (still a frozen SiglipVisionModel): no transformer layers; an identity patch embedding keeps
     the 4x4 patch's 48 pixel values, and fixed 2-D sinusoidal position embeddings use exactly the row/column RoPE
     frequencies of the denoiser. A SigLIP token at (r, c) then carries cos/sin(r w_k), so a key projected from it
@@ -129,12 +131,13 @@ def make_sample(rng: np.random.Generator, task: str) -> dict:
     bg, shapes = _scene(rng, n)
     ref, k = draw(bg, shapes), int(rng.integers(n))
     s = shapes[k]
+    named = f"the {s.color} {s.kind} at the {ROWS[s.row]} {COLS[s.col]}"  # colour, kind and cell: see the docstring
     if task == "recolor":
         new = str(rng.choice([c for c in COLORS if c != s.color]))
-        text, target = f"make the {s.color} {s.kind} {new}", draw(bg, shapes[:k] + [Shape(**{**vars(s), "color": new})]
-                                                        + shapes[k + 1 :])
+        text, target = f"make {named} {new}", draw(bg, shapes[:k] + [Shape(**{**vars(s), "color": new})]
+                                                   + shapes[k + 1 :])
     elif task == "remove":
-        text, target = f"remove the {s.color} {s.kind}", draw(bg, shapes[:k] + shapes[k + 1 :])
+        text, target = f"remove {named}", draw(bg, shapes[:k] + shapes[k + 1 :])
     elif task == "add":
         shapes = shapes[:1]
         ref = draw(bg, shapes)
@@ -144,7 +147,7 @@ def make_sample(rng: np.random.Generator, task: str) -> dict:
         text = f"add a {new.color} {new.kind} at the {ROWS[new.row]} {COLS[new.col]}"
         target, n = draw(bg, shapes + [new]), 1
     elif task == "segment":
-        text, target = f"segment the {s.color} {s.kind}", np.where(shape_mask(s)[..., None], 255, 0).astype(np.uint8)
+        text, target = f"segment {named}", np.where(shape_mask(s)[..., None], 255, 0).astype(np.uint8)
         target = target.repeat(3, -1)
     elif task == "edges":
         text, target = "detect the edges", edge_map(ref)
@@ -278,7 +281,7 @@ class PixelAE(torch.nn.Module):
 # The toy as a train.py preset (--model toy) and as sample.py's built-in model (assets/toy/)
 
 EXAMPLES = {  # sample.py's defaults with the toy: `python sample.py --edit` edits examples/edit.png
-    "edit": {"prompt": "make the red circle blue", "images": ["examples/edit.png"],
+    "edit": {"prompt": "make the red circle at the top left blue", "images": ["examples/edit.png"],
              "scenes": [("black", [("circle", "red", 0, 0, 6.0, 5.0, 4.5),
                                    ("square", "yellow", 2, 2, 25.0, 26.0, 4.5)])]},
     "t2i": {"prompt": "a green triangle at the middle center on white", "images": [], "scenes": []},
@@ -399,12 +402,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def score(task: str, ref: np.ndarray | None, target: np.ndarray, out: np.ndarray) -> dict:
     """Per-pair metrics. Success: >= 75% of the pixels that should change are right, >= 75% of the other shapes'
     pixels are kept, >= 90% of all pixels right. Segment/edges: IoU of the white pixels (every channel > 127: a
-    yellow or cyan shape left as it was is not white)."""
+    yellow or cyan shape left as it was is not white). "other", where the reference has a shape the instruction does
+    not name: the fraction of its pixels kept (edits) or left black (segment), i.e. whether the model acts on the
+    named shape only."""
     m = {"psnr": psnr(out, target)}
     if task in ("segment", "edges"):
         a, b = (out > 127).all(-1), (target > 127).all(-1)
         m["iou"] = (a & b).sum() / max((a | b).sum(), 1)
         m["success"] = float(m["iou"] >= 0.7)
+        other = (classify(ref) != classify(ref)[0, 0]) & ~b if task == "segment" else None  # shapes not named
+        if other is not None and other.any():
+            m["other"] = 1 - a[other].mean()
         return m
     right = classify(out) == classify(target)
     if ref is None:  # text-to-image: the shape and the background
@@ -415,13 +423,15 @@ def score(task: str, ref: np.ndarray | None, target: np.ndarray, out: np.ndarray
     kept = ~changed
     others = kept & (classify(ref) != classify(ref)[0, 0])  # shapes that must stay as they were
     m["keep"] = right[kept].mean()
+    if others.any():
+        m["other"] = right[others].mean()
     m["success"] = float((right[changed].mean() if changed.any() else 1.0) >= 0.75 and right.mean() >= 0.9
                          and (right[others].mean() if others.any() else 1.0) >= 0.75)
     return m
 
 
 def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) -> dict:
-    """Per task: success rate, PSNR, kept fraction, IoU, each for the outputs and for "output = input".
+    """Per task: success rate, PSNR, kept fractions (all, other shapes), IoU, for the outputs and for "output = input".
     Removal is judged on two-shape scenes only (a one-shape removal is just "paint the background")."""
     rows = {}
     for task in TASKS:
@@ -429,16 +439,17 @@ def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) 
                  if r["task"] == task and (task != "remove" or r["shapes"] == 2)]
         if not pairs:
             continue
-        mean = lambda ms, k: float(np.mean([m[k] for m in ms])) if ms and k in ms[0] else float("nan")
+        mean = lambda ms, k: float(np.mean([m[k] for m in ms if k in m])) if any(k in m for m in ms) else math.nan
         ms = [score(task, r["refs"][0] if r["refs"] else None, r["target"], o) for r, o in pairs]
         bs = [score(task, r["refs"][0], r["target"], r["refs"][0]) for r, _ in pairs] if pairs[0][0]["refs"] else []
-        rows[task] = {"n": len(pairs), **{k: mean(ms, k) for k in ("success", "psnr", "keep", "iou")},
-                      **{f"base_{k}": mean(bs, k) for k in ("success", "psnr", "keep", "iou")}}
+        rows[task] = {"n": len(pairs), **{k: mean(ms, k) for k in ("success", "psnr", "keep", "other", "iou")},
+                      **{f"base_{k}": mean(bs, k) for k in ("success", "psnr", "keep", "other", "iou")}}
     if show:
-        print(f"{'task':8} {'n':>4} {'success':>8} {'(input)':>8} {'PSNR':>6} {'(input)':>8} {'keep':>5} {'IoU':>5}")
+        print(f"{'task':8} {'n':>4} {'success':>8} {'(input)':>8} {'PSNR':>6} {'(input)':>8} {'keep':>5} {'other':>5} "
+              f"{'IoU':>5}")
         for t, r in rows.items():
             print(f"{t:8} {r['n']:4d} {r['success']:8.0%} {r['base_success']:8.0%} {r['psnr']:6.1f} "
-                  f"{r['base_psnr']:8.1f} {r['keep']:5.2f} {r['iou']:5.2f}")
+                  f"{r['base_psnr']:8.1f} {r['keep']:5.2f} {r['other']:5.2f} {r['iou']:5.2f}")
     return rows
 
 
@@ -450,7 +461,7 @@ COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk
           "--val_guidance 1")
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the dataset's, {train}: its train.txt)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 4000 --cache {out}/cache/copy"),
-    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 24000 --cache {out}/cache/train"),
+    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 36000 --cache {out}/cache/train"),
     ("s1", "--stage 1 --data {train} --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
     ("s2", "--stage 2 --data {train} --flux {out}/s0/ema --init {out}/s1 --steps 2000 --lr 1e-4 "
            "--warmup 0 --no-grad_ckpt --cache {out}/cache/train"),  # s0's cache

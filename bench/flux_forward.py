@@ -4,7 +4,8 @@
 
 Both models run the same forward under torch.no_grad, alternating, after a warm-up; the table gives the median of
 --runs per dtype and the ratio ours / diffusers (goal <= 0.9). The outputs are compared too, so a speed-up that
-changed the numerics would show. --profile prints torch.profiler's top operators for our model.
+changed the numerics would show. --profile splits both models' fp32 time into GEMMs, attention and the rest
+(torch.profiler), and prints the best ratio reachable if all of our other work were free.
 """
 
 import argparse
@@ -71,12 +72,35 @@ def main():
         print(f"| {str(dtype).split('.')[1]} | {med['ours']:.0f} | {med['diffusers']:.0f} | "
               f"{med['ours'] / med['diffusers']:.2f} | {diff:.1e} |")
     if args.profile:
-        ours.float()
-        x = {k: v.float() for k, v in x.items()}
-        with torch.no_grad(), torch.profiler.profile() as prof:
-            ours(**x)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        ours.float(), ref.float()
+        x = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+        print("\nfp32 self time by kind of operator (torch.profiler, one forward after the runs above):")
+        print("| model | linear (GEMM) ms | attention (SDPA) ms | everything else ms | total ms |")
+        print("|---|---|---|---|---|")
+        split = {name: profile(f) for name, f in runs.items()}
+        for name, (gemm, attn, rest) in split.items():
+            print(f"| {name} | {gemm:.0f} | {attn:.0f} | {rest:.0f} | {gemm + attn + rest:.0f} |")
+        (g, a, _), d = split["ours"], sum(split["diffusers"])
+        print(f"ceiling: with everything but its GEMMs and SDPA free, ours / diffusers would be {(g + a) / d:.2f}")
 
+
+GEMM = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
+
+
+def profile(forward) -> tuple[float, float, float]:
+    """ms of self CPU time in GEMMs, in attention kernels, and in every other operator, for one forward."""
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        forward()
+    gemm = attn = rest = 0.0
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1000
+        if e.key in GEMM:
+            gemm += ms
+        elif "attention" in e.key:
+            attn += ms
+        else:
+            rest += ms
+    return gemm, attn, rest
 
 if __name__ == "__main__":
     main()

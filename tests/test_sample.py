@@ -238,7 +238,8 @@ def test_cli_errors(tiny, case):
 
 
 @pytest.mark.skipif(not os.path.isdir(sample.TOY), reason="no toy model in assets/toy")
-@pytest.mark.parametrize("args", [["--edit"], ["--t2i"], ["--edit", "--prompt", "make the red circle green"]])
+@pytest.mark.parametrize("args", [["--edit"], ["--t2i"],
+                                  ["--edit", "--prompt", "segment the red circle at the top left"]])
 def test_no_arguments_but_the_mode_run_the_bundled_toy(tmp_path, capsys, args):
     """`python sample.py --edit` edits assets/toy/examples/edit.png with its instruction, at the toy's settings."""
     out = str(tmp_path / "out.png")

@@ -44,10 +44,13 @@ def test_ground_truth_is_exact():
     for _ in range(20):
         s = toy.make_sample(rng, "recolor")
         ref, tgt = s["refs"][0], s["target"]
-        old, kind, color = s["text"].split()[2:5]  # "make the red circle blue"
+        _, _, old, kind, _, _, row, col, color = s["text"].split()  # "make the red circle at the top left blue"
         changed = (ref != tgt).any(-1)
         assert (tgt[changed] == toy.COLORS[color]).all() and changed.any()  # only the named shape, all of it
         assert (ref[changed] == toy.COLORS[old]).all()
+        ys, xs = np.nonzero(changed)  # the named cell is the shape's
+        assert abs(ys.mean() + 0.5 - toy.CELL[toy.ROWS.index(row)]) < 2.5
+        assert abs(xs.mean() + 0.5 - toy.CELL[toy.COLS.index(col)]) < 2.5
         s = toy.make_sample(rng, "remove")
         changed = (s["refs"][0] != s["target"]).any(-1)
         assert (s["target"][changed] == s["target"][0, 0]).all()  # the removed shape becomes background
@@ -98,18 +101,26 @@ def test_pixel_autoencoder_round_trip_and_token_grid():
 
 
 def test_metrics_on_known_outputs():
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(2)  # among the 3 pairs per task: two-shape recolors and a two-shape segment
     records = [toy.make_sample(rng, t) for t in toy.TASKS for _ in range(3)]
     perfect = toy.evaluate(records, [r["target"] for r in records], show=False)
     for task, row in perfect.items():
         assert row["success"] == 1.0 and row["psnr"] == float("inf"), task
     assert perfect["segment"]["iou"] == 1.0 and perfect["recolor"]["keep"] == 1.0
+    assert perfect["remove"]["other"] == perfect["add"]["other"] == 1.0  # both always keep a shape
     same = toy.evaluate(records, [r["refs"][0] if r["refs"] else r["target"] for r in records], show=False)
     for task in ("recolor", "remove", "add"):
-        assert same[task]["success"] == 0.0 and same[task]["keep"] == 1.0
+        assert same[task]["success"] == 0.0 and same[task]["keep"] == 1.0 and same[task]["other"] == 1.0
         assert same[task]["psnr"] == same[task]["base_psnr"] < 40
     blank = [np.zeros_like(r["target"]) for r in records]
     assert toy.evaluate(records, blank, show=False)["segment"]["iou"] == 0.0
+    # acting on every shape: removal that clears the scene keeps no other shape; segmenting every shape marks both
+    cleared = [np.broadcast_to(r["refs"][0][0, 0], r["target"].shape) if r["refs"] else r["target"] for r in records]
+    assert toy.evaluate(records, cleared, show=False)["remove"]["other"] == 0.0
+    everything = [np.where((r["refs"][0] != r["refs"][0][0, 0]).any(-1, keepdims=True), 255, 0).astype(np.uint8)
+                  .repeat(3, -1) if r["task"] == "segment" else r["target"] for r in records]
+    row = toy.evaluate(records, everything, show=False)["segment"]
+    assert row["other"] == 0.0 and row["iou"] < 1.0
 
 
 def test_psnr_and_palette_classification():
@@ -128,8 +139,8 @@ def test_reference_latents_ablation_puts_the_reference_in_the_image_stream():
     enc = toy.ReferenceEncoders(toy.toy_vlm(), toy.toy_siglip(), toy.PixelAE())
     rng = np.random.default_rng(0)
     refs = [Image.fromarray(toy.make_sample(rng, "recolor")["refs"][0]) for _ in range(2)]
-    feats = enc.features(["make the red circle blue\n<image>"] * 2 + ["a red circle at the top left on black"],
-                         [[refs[0]], [refs[1]], []])
+    feats = enc.features(["make the red circle at the top left blue\n<image>"] * 2
+                         + ["a red circle at the top left on black"], [[refs[0]], [refs[1]], []])
     assert torch.equal(feats[0]["ref"], toy.PixelAE().encode(toy.to_tensor([np.asarray(refs[0])]))[0])
     assert not feats[2]["ref"].any()
     x, sigma, y = torch.randn(3, 12, 16, 16), torch.full((3,), 0.5), torch.zeros(3, 16)
@@ -145,7 +156,7 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     falls, every stage exports a model sample.py loads, and the held-out evaluation runs on it (~1 min)."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 40 copy steps, 240 mix steps, 5 + 20 in stages 1 and 2
+    toy.train(root, run, scale=0.01)  # 40 copy steps, 360 mix steps, 5 + 20 in stages 1 and 2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
@@ -157,7 +168,8 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
 
     out = str(tmp_path / "edit.png")
     sample.main(["--weights", os.path.join(run, "s2", "ema"), "--edit", "--image",
-                 os.path.join(run, "s2", "ema", "examples", "edit.png"), "--prompt", "make the red circle blue",
+                 os.path.join(run, "s2", "ema", "examples", "edit.png"), "--prompt",
+                 "remove the red circle at the top left",
                  "--steps", "4", "--guidance", "1", "--height", "32", "--width", "32", "--out", out])
     assert Image.open(out).size == (toy.SIZE, toy.SIZE)
 
