@@ -410,8 +410,7 @@ def score(task: str, ref: np.ndarray | None, target: np.ndarray, out: np.ndarray
         a, b = (out > 127).all(-1), (target > 127).all(-1)
         m["iou"] = (a & b).sum() / max((a | b).sum(), 1)
         m["success"] = float(m["iou"] >= 0.7)
-        other = (classify(ref) != classify(ref)[0, 0]) & ~b if task == "segment" else None  # shapes not named
-        if other is not None and other.any():
+        if task == "segment" and (other := (classify(ref) != classify(ref)[0, 0]) & ~b).any():  # shapes not named
             m["other"] = 1 - a[other].mean()
         return m
     right = classify(out) == classify(target)
@@ -426,7 +425,7 @@ def score(task: str, ref: np.ndarray | None, target: np.ndarray, out: np.ndarray
     if others.any():
         m["other"] = right[others].mean()
     m["success"] = float((right[changed].mean() if changed.any() else 1.0) >= 0.75 and right.mean() >= 0.9
-                         and (right[others].mean() if others.any() else 1.0) >= 0.75)
+                         and m.get("other", 1.0) >= 0.75)
     return m
 
 

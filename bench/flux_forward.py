@@ -102,5 +102,6 @@ def profile(forward) -> tuple[float, float, float]:
             rest += ms
     return gemm, attn, rest
 
+
 if __name__ == "__main__":
     main()
