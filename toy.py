@@ -460,7 +460,7 @@ COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk
           "--val_guidance 1")
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the dataset's, {train}: its train.txt)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 4000 --cache {out}/cache/copy"),
-    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 36000 --cache {out}/cache/train"),
+    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 48000 --cache {out}/cache/train"),
     ("s1", "--stage 1 --data {train} --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
     ("s2", "--stage 2 --data {train} --flux {out}/s0/ema --init {out}/s1 --steps 2000 --lr 1e-4 "
            "--warmup 0 --no-grad_ckpt --cache {out}/cache/train"),  # s0's cache

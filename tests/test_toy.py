@@ -156,7 +156,7 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     falls, every stage exports a model sample.py loads, and the held-out evaluation runs on it (~1 min)."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 40 copy steps, 360 mix steps, 5 + 20 in stages 1 and 2
+    toy.train(root, run, scale=0.01)  # 40 copy steps, 480 mix steps, 5 + 20 in stages 1 and 2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
