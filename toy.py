@@ -22,8 +22,8 @@ A first faithful attempt learned nothing spatial (shared/reference/toy_findings.
     64-dim q and k the logits stay under 8 until the scales grow, too flat to pick one of 64 SigLIP tokens; at
     Adam's ~lr per step that growth alone delayed copying by thousands of steps (starting them at 4 did less).
   - Curriculum (stage 0 = the toy's FLUX pretraining): first "copy" pairs (target = reference), then the task mix
-    with copies kept in it. On edits alone the model learns only global statistics; on copies it finds the SigLIP
-    route in ~2k steps.
+    with copies kept in it, then a cool-down at a quarter of the lr. On edits alone the model learns only global
+    statistics; on copies it finds the SigLIP route in ~2k steps.
   - The frozen encoders' outputs are cached once per stage (train.py --cache).
 """
 
@@ -453,16 +453,17 @@ def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The recipe: four train.py runs (stage 0 on copies, stage 0 on the mix, stage 1, stage 2), then the evaluation
+# The recipe: five train.py runs (stage 0 on copies, on the mix, its cool-down; stage 1, stage 2), then the evaluation
 
 COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk_norm_lr 10 --ema_decay 0.995 "
           "--precision fp32 --log_every 50 --val_every 1000000000 --ckpt_every 1000000000 --val_steps 20 "
           "--val_guidance 1")
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the dataset's, {train}: its train.txt)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 4000 --cache {out}/cache/copy"),
-    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 48000 --cache {out}/cache/train"),
-    ("s1", "--stage 1 --data {train} --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
-    ("s2", "--stage 2 --data {train} --flux {out}/s0/ema --init {out}/s1 --steps 2000 --lr 1e-4 "
+    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 72000 --cache {out}/cache/train"),
+    ("s0-cool", "--stage 0 --data {train} --init {out}/s0 --steps 4000 --lr 5e-4 --cache {out}/cache/train"),
+    ("s1", "--stage 1 --data {train} --flux {out}/s0-cool/ema --steps 500 --lr 1e-3"),  # no cache: too short
+    ("s2", "--stage 2 --data {train} --flux {out}/s0-cool/ema --init {out}/s1 --steps 2000 --lr 1e-4 "
            "--warmup 0 --no-grad_ckpt --cache {out}/cache/train"),  # s0's cache
 )
 ABLATIONS = {"none": "", "no-siglip": "--siglip none", "ref-latents": "--model toy-ref",
@@ -493,7 +494,8 @@ def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threa
         steps = argv.index("--steps") + 1
         argv[steps] = str(max(1, round(int(argv[steps]) * scale)))
         if name == "s0" and minutes and rate:  # the time left, less the short stages after it at the same speed
-            after = sum(int(f.split("--steps ")[1].split()[0]) * scale for n, f in RECIPE if n in ("s1", "s2"))
+            after = sum(int(f.split("--steps ")[1].split()[0]) * scale for n, f in RECIPE
+                        if n in ("s0-cool", "s1", "s2"))
             argv[steps] = str(max(1, int((minutes * 60 - (time.perf_counter() - start)) * rate - after)))
         print(f"{name}: python train.py {' '.join(argv)}", flush=True)
         t = time.perf_counter()

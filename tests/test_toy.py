@@ -152,15 +152,15 @@ def test_reference_latents_ablation_puts_the_reference_in_the_image_stream():
 
 
 def test_recipe_through_train_py_learns_and_samples(tmp_path):
-    """CI's shortened toy training: the four train.py runs of the recipe at 1% of their steps; the stage-0 loss
+    """CI's shortened toy training: the five train.py runs of the recipe at 1% of their steps; the stage-0 loss
     falls, every stage exports a model sample.py loads, and the held-out evaluation runs on it (~1 min)."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 40 copy steps, 480 mix steps, 5 + 20 in stages 1 and 2
+    toy.train(root, run, scale=0.01)  # 40 copy steps, 720 mix steps, 40 cool-down, 5 + 20 in stages 1 and 2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
-    for stage in ("s0-copy", "s0", "s1", "s2"):
+    for stage in ("s0-copy", "s0", "s0-cool", "s1", "s2"):
         assert os.path.isfile(os.path.join(run, stage, "ema", "toy.json"))
     rows = toy.evaluate_folder(os.path.join(run, "s2", "ema"), root, show=False)
     assert set(rows) == set(toy.TASKS) and all(r["n"] == 2 for r in rows.values())
@@ -196,8 +196,8 @@ def test_recipe_flags_and_time_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(toy.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(toy, "save_toy", lambda folder, ref_latents: None)
     toy.train(str(tmp_path / "data"), str(tmp_path / "run"), flags="--batch_size 64", minutes=1.0)
-    assert [a[a.index("--out") + 1].rsplit("/", 1)[1] for a in runs] == ["s0-copy", "s0", "s1", "s2"]
+    assert [a[a.index("--out") + 1].rsplit("/", 1)[1] for a in runs] == ["s0-copy", "s0", "s0-cool", "s1", "s2"]
     assert all(a[-4:-2] == ["--batch_size", "64"] and a.count("--batch_size") == 2 for a in runs)
     steps = [int(a[a.index("--steps") + 1]) for a in runs]
-    # copies: 4,000 steps in 10 s -> 400 steps/s; stage 0 at 30 s: (60 - 30) s * 400 - (500 + 2,000) = 9,500
-    assert steps == [4000, 9500, 500, 2000]
+    # copies: 4,000 steps in 10 s -> 400 steps/s; stage 0 at 30 s: (60 - 30) s * 400 - (4,000 + 500 + 2,000) = 5,500
+    assert steps == [4000, 5500, 4000, 500, 2000]
