@@ -248,8 +248,11 @@ def toy_siglip(config: flux.FluxConfig | None = None, hidden: int = 128, patch: 
     side, content = SIZE // patch, 3 * patch * patch
     if content + c.axes_dim[1] + c.axes_dim[2] > hidden:
         raise ValueError(f"hidden {hidden} < {content} pixel + {c.axes_dim[1] + c.axes_dim[2]} position channels")
-    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=0,
-                                                 num_attention_heads=2, image_size=SIZE, patch_size=patch))
+    with torch.random.fork_rng():  # the (unused) pooling head's init too: the same file every time
+        torch.manual_seed(0)
+        model = SiglipVisionModel(SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                     num_hidden_layers=0, num_attention_heads=2, image_size=SIZE,
+                                                     patch_size=patch))
     emb = model.embeddings
     with torch.no_grad():
         emb.patch_embedding.weight.zero_()

@@ -87,6 +87,8 @@ def test_toy_siglip_keeps_patch_content_and_rope_phase():
     assert tokens.shape == (64, 128)
     red = tokens[:, :48].std(-1)
     assert red.argmax() == 1 * 8 + 2 and red.max() > 10 * red[0]  # only that token sees the red pixels
+    again = toy.toy_siglip().model.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in siglip.model.state_dict().items())  # deterministic, every tensor
     c = toy.toy_flux_config()
     rows = toy.rope_sincos(8, c.axes_dim[1], c.theta)
     w = 1 / c.theta ** (torch.arange(0, c.axes_dim[1], 2) / c.axes_dim[1])
