@@ -128,7 +128,11 @@ def test_killed_mid_checkpoint_then_resumed_from_the_cache_equals_the_uninterrup
     watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     paused = any("checkpoint step 6: paused while writing" in line for line in proc.stdout)  # stops at the pause?
+    tasks = f"/proc/{proc.pid}/task"  # the ranks run in sessions of their own: kill them by pid, not only the group
+    ranks = [int(pid) for tid in os.listdir(tasks) for pid in open(f"{tasks}/{tid}/children").read().split()]
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-write
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
     watchdog.cancel()
     assert paused
