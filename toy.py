@@ -488,7 +488,7 @@ def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threa
         train_txt = os.path.join(out, "train.txt")
         with open(train_txt, "w") as f:
             f.write("\n".join(lines) + "\n")
-    for name, stage_flags in RECIPE:
+    for i, (name, stage_flags) in enumerate(RECIPE):
         if os.path.isdir(os.path.join(out, name, "ema")):
             print(f"{name}: done before, kept")
             continue
@@ -497,8 +497,7 @@ def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threa
         steps = argv.index("--steps") + 1
         argv[steps] = str(max(1, round(int(argv[steps]) * scale)))
         if name == "s0" and minutes and rate:  # the time left, less the short stages after it at the same speed
-            after = sum(int(f.split("--steps ")[1].split()[0]) * scale for n, f in RECIPE
-                        if n in ("s0-cool", "s1", "s2"))
+            after = sum(int(f.split("--steps ")[1].split()[0]) * scale for _, f in RECIPE[i + 1 :])
             argv[steps] = str(max(1, int((minutes * 60 - (time.perf_counter() - start)) * rate - after)))
         print(f"{name}: python train.py {' '.join(argv)}", flush=True)
         t = time.perf_counter()

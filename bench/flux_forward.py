@@ -72,7 +72,8 @@ def main():
         print(f"| {str(dtype).split('.')[1]} | {med['ours']:.0f} | {med['diffusers']:.0f} | "
               f"{med['ours'] / med['diffusers']:.2f} | {diff:.1e} |")
     if args.profile:
-        ours.float(), ref.float()
+        ours.float()
+        ref.float()
         x = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
         print("\nfp32 self time by kind of operator (torch.profiler, one forward after the runs above):")
         print("| model | linear (GEMM) ms | attention (SDPA) ms | everything else ms | total ms |")
