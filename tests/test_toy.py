@@ -95,6 +95,15 @@ def test_toy_siglip_keeps_patch_content_and_rope_phase():
     assert torch.allclose(rows[3, 0::2], torch.cos(3 * w), atol=1e-6)  # the RoPE frequencies of the row axis
 
 
+def test_flux_config_splits_each_head_like_flux():
+    c = toy.toy_flux_config()
+    assert (c.num_heads, c.axes_dim) == (2, (4, 14, 14))  # two heads of 32: 1/8 index, 7/16 rows, 7/16 columns
+    assert toy.toy_flux_config(heads=1).axes_dim == (8, 28, 28)  # FLUX.1's (16, 56, 56) of 128, halved
+    flux.Flux(toy.toy_flux_config(hidden=128, heads=4))  # a valid split at any width
+    with pytest.raises(ValueError, match="multiple of 32"):
+        toy.toy_flux_config(heads=4)  # heads of 16 cannot be split into even RoPE widths
+
+
 def test_pixel_autoencoder_round_trip_and_token_grid():
     x = torch.rand(2, 3, toy.SIZE, toy.SIZE) * 2 - 1
     z = toy.PixelAE().encode(x)
@@ -158,7 +167,7 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     falls, every stage exports a model sample.py loads, and the held-out evaluation runs on it (~1 min)."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 40 copy steps, 720 mix steps, 40 cool-down, 5 + 20 in stages 1 and 2
+    toy.train(root, run, scale=0.01)  # 40 copy steps, 480 mix steps, 40 cool-down, 5 + 20 in stages 1 and 2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
