@@ -226,9 +226,7 @@ def toy_flux_config(hidden: int = 64, theta: int = 8, heads: int = 2) -> flux.Fl
     1.0 in training and sampling), so that sample.py shifts the schedule as in training. RoPE splits each head as
     FLUX.1 does (16, 56, 56 of 128): 1/8 for the index axis, 7/16 for rows and for columns.
 
-    Two heads (of 32 at hidden 64), not one: in the first block one head reads the instruction while the other reads
-    the reference; with one head the model never removed a right-column shape and learned every edit thousands of
-    steps later (README, the toy world).
+    Two heads of 32, not one of 64: why in the module docstring and the README.
     RoPE theta 8 instead of 10,000: on an 8x8 token grid, 5 of the 7 row frequencies of theta 10,000 turn by
     less than 0.6 rad across the whole image and carry no position; with theta 8 all 7 do (w from 1 to 0.17)."""
     head = hidden // heads
