@@ -27,6 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from masks import EditTooSmall, loss_weights
 from sample import dynamic_resize
@@ -177,12 +180,12 @@ class EditData(torch.utils.data.Dataset):
         """The first n good samples, from their image files (train.py's fixed validation prompts)."""
         samples = []
         for idx in sorted(self.sizes):
+            if len(samples) == n:  # checked first: n = 0 (--val_samples 0) loads nothing
+                break
             try:
                 samples.append(self.load_images(idx))
             except BadSample:
                 continue
-            if len(samples) == n:
-                break
         return samples
 
     def load(self, idx: int) -> dict:
@@ -192,7 +195,7 @@ class EditData(torch.utils.data.Dataset):
         path = cache_path(self.cache, idx)
         if not os.path.isfile(path):  # it was bad when the cache was built
             raise BadSample(f"not in the cache {self.cache} (bad when the cache was built)")
-        return torch.load(path, weights_only=True)
+        return read_cached(path)
 
     def load_images(self, idx: int) -> dict:
         """{'index', 'instruction', 'references' [PIL], 'pixels' (3, H, W), 'weights' (1, H/factor, W/factor)}."""
@@ -295,14 +298,37 @@ def to(x, device):
 
 
 def cache_path(folder: str, idx: int) -> str:
-    return os.path.join(folder, f"{idx // 10_000:04d}", f"{idx:08d}.pt")  # 10k files per folder
+    return os.path.join(folder, f"{idx // 10_000:04d}", f"{idx:08d}.safetensors")  # 10k files per folder
 
 
-def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: dict) -> None:
+def write_cached(path: str, sample: dict) -> None:
+    """One encoded sample as one safetensors file: its tensors flat ("features.vlm", ...), the rest in the metadata.
+
+    Safetensors rather than torch.save: no pickle, and reading is 5x faster (0.2 against 1.0 ms for a toy sample),
+    which matters when a small model trains from the cache at hundreds of samples a second."""
+    features = sample["features"]
+    tensors = {f"features.{k}": v.contiguous() for k, v in features.items() if v is not None}
+    tensors.update(latents=sample["latents"].contiguous(), weights=sample["weights"].contiguous())
+    meta = {"index": str(sample["index"]), "instruction": sample["instruction"], "features": json.dumps(list(features))}
+    save_file(tensors, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)  # a killed build never leaves a half-written sample
+
+
+def read_cached(path: str) -> dict:
+    """write_cached's file -> {'index', 'instruction', 'weights', 'latents', 'features'} (absent features: None)."""
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    return {"index": int(meta["index"]), "instruction": meta["instruction"], "weights": tensors["weights"],
+            "latents": tensors["latents"], "features": {k: tensors.get(f"features.{k}")
+                                                       for k in json.loads(meta["features"])}}
+
+
+def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: dict, batch_size: int = 1) -> None:
     """Write the encoded form of every good sample, split over the ranks; `meta.json` marks the cache complete.
 
-    Resumable: files already there are kept. A cache built for another fingerprint (data, sizes, encoders) is an
-    error rather than silently wrong features. Then the dataset reads samples from the cache."""
+    Samples are encoded `batch_size` at a time (same-size samples only, as in training). Resumable: files already
+    there are kept. A cache built for another fingerprint (data, sizes, encoders) is an error rather than silently
+    wrong features. Then the dataset reads samples from the cache."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     meta = os.path.join(folder, "meta.json")
     if os.path.isfile(meta):
@@ -312,23 +338,30 @@ def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: d
             raise ValueError(f"the cache {folder} was built for {found}, not {fingerprint}; delete it or pass "
                              "another --cache folder")
     else:
-        bad = 0
+        todo = {}  # target size -> this rank's samples not cached yet
         for idx in sorted(dataset.sizes)[rank::world]:
-            path = cache_path(folder, idx)
-            if os.path.isfile(path):
-                continue
-            try:
-                sample = dataset.load_images(idx)
-            except BadSample as e:
-                log.warning("not caching sample %d: %s", idx, e)
-                bad += 1
-                continue
-            batch = encode(collate([{**sample, "skipped": 0}]), encoders, device)  # a batch of one
-            keep = {k: sample[k] for k in ("index", "instruction", "weights")}
-            keep.update(features=batch["features"][0], latents=batch["latents"][0])
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(to(keep, "cpu"), path + ".tmp")
-            os.replace(path + ".tmp", path)  # a killed build never leaves a half-written sample
+            if not os.path.isfile(cache_path(folder, idx)):
+                todo.setdefault(dataset.sizes[idx], []).append(idx)
+        chunks = [idxs[i : i + batch_size] for idxs in todo.values() for i in range(0, len(idxs), batch_size)]
+        bad = 0
+        bar = tqdm(total=sum(map(len, chunks)), desc=f"cache {folder}", disable=rank != 0, dynamic_ncols=True)
+        for chunk in chunks:
+            samples = []
+            for idx in chunk:
+                try:
+                    samples.append({**dataset.load_images(idx), "skipped": 0})
+                except BadSample as e:
+                    log.warning("not caching sample %d: %s", idx, e)
+                    bad += 1
+            if samples:
+                batch = to(encode(collate(samples), encoders, device), "cpu")
+                for sample, features, latents in zip(samples, batch["features"], batch["latents"], strict=True):
+                    path = cache_path(folder, sample["index"])
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    write_cached(path, {**{k: sample[k] for k in ("index", "instruction", "weights")},
+                                        "features": features, "latents": latents})
+            bar.update(len(chunk))
+        bar.close()
         log.info("cache %s: rank %d wrote its share (%d bad samples left out)", folder, rank, bad)
         if dist.is_initialized():
             dist.barrier()

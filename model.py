@@ -46,7 +46,7 @@ class Encoders:
     @torch.no_grad()
     def features(self, instructions: list[str], images: list[list], train: bool = True) -> list[dict]:
         """One dict per sample: `vlm` (L, D) hidden states without padding, `vision_end` (n_img,) the position of
-        each image's <|vision_end|> in them, and `siglip` (n_img, T, C) or None."""
+        each image's <|vision_end|> in them, and `siglip` (n_img, T, C), or None without images (or SigLIP)."""
         hidden, mask, ids = self.vlm(instructions, images, train)  # (B, L, D), left-padded
         flat = [im for ims in images for im in ims]
         sig = self.siglip(flat) if self.siglip is not None and flat else None  # (sum n_img, T, C)
@@ -56,7 +56,7 @@ class Encoders:
             vision_end = (ids[b, keep] == self.vlm.vision_end_id).nonzero()[:, 0]
             assert len(vision_end) == len(ims), "one <|vision_end|> per reference image"
             out.append({"vlm": hidden[b, keep], "vision_end": vision_end,
-                        "siglip": None if sig is None else sig[k : k + len(ims)]})
+                        "siglip": sig[k : k + len(ims)] if sig is not None and ims else None})
             k += len(ims)
         return out
 

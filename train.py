@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -85,6 +85,7 @@ class TrainConfig:
     steps: int = 20_000  # the released model: 20k stage-2 steps
     lr: float = None
     warmup: int = None  # linear warm-up steps
+    decay: int = 0  # then a linear decay to zero over the last this many steps (0: none, official; the toy's cool-down)
     grad_ckpt: bool = None  # activation checkpointing of every FLUX block
     precision: str = "auto"  # "bf16" compute over fp32 weights, or "fp32"; auto: bf16 on CUDA, fp32 on the CPU
     beta1: float = 0.9
@@ -187,9 +188,13 @@ def init_from_run(model: M.UniWorld, run: str, ema: bool = True) -> None:
 
 
 def shard(model: M.UniWorld, cfg: TrainConfig, device) -> None:
-    """FSDP2: each FLUX block its own unit (wrapped for activation checkpointing first, stage 2), then the root."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    """FSDP2: each FLUX block its own unit (wrapped for activation checkpointing first, stage 2), then the root.
+
+    A world of one in fp32 has nothing to shard and nothing to cast, so it trains the plain module (activation
+    checkpointing still applies): there FSDP2's hooks and collectives cost ~15% of a toy-sized step."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    sharded = dist.get_world_size() > 1 or bf16
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if sharded else None
     # bf16 compute, fp32 weights and gradient reduction. The root casts the batch; the blocks must not cast their
     # inputs, or the fp32 RoPE table would arrive in bf16 (RoPE is computed in fp32, flux.md §1.3)
     root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
@@ -198,9 +203,11 @@ def shard(model: M.UniWorld, cfg: TrainConfig, device) -> None:
         for i, block in enumerate(blocks):
             if cfg.grad_ckpt:
                 block = blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-            fully_shard(block, mesh=mesh, mp_policy=block_mp or MixedPrecisionPolicy())
-    fully_shard(model, mesh=mesh, mp_policy=root_mp or MixedPrecisionPolicy())  # connectors, embedders, last layer
-    register_fsdp_forward_method(model, "loss")  # FSDP2 hooks only forward(); UniWorld trains through loss()
+            if sharded:
+                fully_shard(block, mesh=mesh, mp_policy=block_mp or MixedPrecisionPolicy())
+    if sharded:
+        fully_shard(model, mesh=mesh, mp_policy=root_mp or MixedPrecisionPolicy())  # connectors, embedders, last layer
+        register_fsdp_forward_method(model, "loss")  # FSDP2 hooks only forward(); UniWorld trains through loss()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,7 +242,8 @@ def save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainabl
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "data": batches.state_dict(), "world": dist.get_world_size()}, f)
+            json.dump({"step": step, "data": batches.state_dict(), "world": dist.get_world_size(),
+                       "fsdp": isinstance(model, FSDPModule)}, f)
         os.replace(tmp, final)  # atomic: the checkpoint exists whole or not at all
         for old in checkpoints(cfg.out)[: -cfg.keep]:
             shutil.rmtree(old)
@@ -244,14 +252,17 @@ def save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainabl
 
 def load_checkpoint(path, model, opt, ema, batches, noise, trainable) -> tuple[int, dict]:
     """Restore a checkpoint in place (RNG states too, on the same number of ranks); -> (step, this rank's counts)."""
+    with open(os.path.join(path, "state.json")) as f:
+        meta = json.load(f)
+    if meta["fsdp"] != isinstance(model, FSDPModule):  # the EMA's shards are laid out differently (ema.py)
+        raise ValueError(f"{path} was written by {'an FSDP2' if meta['fsdp'] else 'a plain (one process, fp32)'} run; "
+                         f"resume it {'under torchrun or in bf16' if meta['fsdp'] else 'with one process in fp32'}")
     msd, osd = get_state_dict(model, opt)  # a fresh optimizer gets zero state here, which dcp.load fills
     state = {"model": {k: v for k, v in msd.items() if k in trainable}, "optim": osd, "ema": ema.state_dict()}
     dcp.load(state, checkpoint_id=path)  # reshards if the number of ranks changed
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
     ema.load_state_dict(state["ema"])
-    with open(os.path.join(path, "state.json")) as f:
-        meta = json.load(f)
     batches.load_state_dict(meta["data"])
     log.info("resumed from step %d (%s)", meta["step"], path)
     if meta["world"] != dist.get_world_size():
@@ -288,14 +299,16 @@ def validate(cfg, step, model, ema, encoders, samples) -> None:
     """A PNG grid under --out/val: a row per sample, generated | target | references (sample.generate)."""
     rows = []
     with ema.swap_into(model):
-        model.unshard()  # generate() calls text_stream/velocity, which FSDP2's forward hooks do not see
+        if isinstance(model, FSDPModule):
+            model.unshard()  # generate() calls text_stream/velocity, which FSDP2's forward hooks do not see
         for i, s in enumerate(samples):  # every rank generates all of them: the FLUX blocks all-gather together
             height, width = s["pixels"].shape[1:]
             instruction = s["instruction"].replace("<image>", " ").strip()  # inference prompt: images follow
             image = generate(model, encoders, [instruction], [s["references"]], height, width, seeds=[cfg.seed + i],
                              steps=cfg.val_steps, guidance=cfg.val_guidance, progress=False)[0]
             rows.append([image, to_pil(s["pixels"][None]), *s["references"]])
-        model.reshard()
+        if isinstance(model, FSDPModule):
+            model.reshard()
     if dist.get_rank() == 0 and rows:
         cell = max(256, *(max(im.size) for row in rows for im in row))
         grid = Image.new("RGB", (cell * max(map(len, rows)), cell * len(rows)), "white")
@@ -324,8 +337,11 @@ def setup_distributed() -> torch.device:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Constant, after a linear warm-up over cfg.warmup steps (official constant_with_warmup; step counts from 1)."""
-    return cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup else cfg.lr
+    """Constant after a linear warm-up over cfg.warmup steps (official constant_with_warmup; step counts from 1);
+    with cfg.decay, linear towards zero over the last cfg.decay steps (the last step at lr / decay)."""
+    warm = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
+    cool = min(1.0, (cfg.steps - step + 1) / cfg.decay) if cfg.decay else 1.0
+    return cfg.lr * min(warm, cool)
 
 
 def build(cfg: TrainConfig, device) -> tuple[M.UniWorld, M.Encoders, set[str]]:
@@ -365,7 +381,7 @@ def train(cfg: TrainConfig, device) -> None:
         fingerprint = {k: getattr(cfg, k) for k in ("resolution", "buckets", "weighting", "model", "vlm")}
         fingerprint.update(data=os.path.abspath(cfg.data), siglip=cfg.siglip if cfg.stage != 1 else None,
                            seed=cfg.seed if cfg.model != "flux" else None)  # random presets: seeded encoders
-        build_cache(data, encoders, device, cfg.cache, fingerprint)
+        build_cache(data, encoders, device, cfg.cache, fingerprint, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     qk = {p for n, p in model.named_parameters() if n.endswith(("query_norm.scale", "key_norm.scale"))}
     groups = [[p for p in params if p not in qk], [p for p in params if p in qk]]  # the second: --qk_norm_lr

@@ -127,6 +127,12 @@ def test_samples_bad_ones_skipped_counted_and_replaced(data_txt, caplog):
     assert len(samples[0]["references"]) == 1 and samples[0]["references"][0].mode == "RGB"
 
 
+def test_first_samples_are_the_first_good_ones(data_txt):
+    """train.py's validation prompts: bad samples passed over; --val_samples 0 loads none (not all of them)."""
+    ds = D.EditData(data_txt, resolution=64)
+    assert [s["index"] for s in ds.first_samples(3)] == [0, 2, 4] and ds.first_samples(0) == []
+
+
 def test_exif_orientation_and_buckets(data_txt):
     ds = D.EditData(data_txt, resolution=64, buckets=True)
     assert ds.sizes[11] == (128, 96)  # shown 60x80 (portrait 3:4): the 3:4 bucket at anchor 64², scale at least 1
@@ -185,11 +191,12 @@ class FakeEncoders:
         return [{"vlm": torch.full((len(t), 2), float(len(r)))} for t, r in zip(instructions, references, strict=True)]
 
 
-def test_cache_gives_the_same_samples_and_checks_its_fingerprint(data_txt, tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 3])  # 3: chunks of several samples, bad ones among them
+def test_cache_gives_the_same_samples_and_checks_its_fingerprint(data_txt, tmp_path, batch_size):
     ds = D.EditData(data_txt, resolution=64)
-    D.build_cache(ds, FakeEncoders(), "cpu", str(tmp_path / "cache"), {"v": 1})
+    D.build_cache(ds, FakeEncoders(), "cpu", str(tmp_path / "cache"), {"v": 1}, batch_size)
     assert json.loads((tmp_path / "cache" / "meta.json").read_text()) == {"v": 1}
-    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 7  # the good samples
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 7  # the good samples
     cached = [ds[i] for i in range(len(ds))]
     fresh = D.EditData(data_txt, resolution=64)
     for c, i in zip(cached, range(len(ds)), strict=True):

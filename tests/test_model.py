@@ -55,6 +55,17 @@ def test_condition_stream_layout(world):
     assert txt.shape == (2, max(lengths), 32) and lengths[0] != lengths[1]
 
 
+def test_a_sample_without_images_has_no_siglip_block_whatever_its_batch(world):
+    """Text to image next to an edit: `siglip` is None (as alone), and its row is its projected VLM tokens only."""
+    enc, uw = world
+    feats = enc.features(["A red car", "Make it blue <image>"], [[], images(1)])
+    assert feats[0]["siglip"] is None and enc.features(["A red car"], [[]])[0]["siglip"] is None
+    assert feats[1]["siglip"].shape[0] == 1
+    with torch.no_grad():
+        txt, vlm = uw.text_stream(feats), uw.denoise_projector(feats[0]["vlm"])
+    assert torch.equal(txt[0, txt.shape[1] - len(vlm) :], vlm) and (txt[0, : txt.shape[1] - len(vlm)] == 0).all()
+
+
 def test_text_ids_are_zero_so_token_order_does_not_matter(world):
     enc, uw = world
     feats = enc.features(["Make it blue <image>"], [images(1)])

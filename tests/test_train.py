@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,6 +178,17 @@ def test_plain_python_is_a_world_of_one(runs, tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2] and "on 1 ranks" in out.stderr
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["step-00000002"]
     assert os.path.isfile(tmp_path / "run" / "ema" / "model.safetensors.index.json")
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert (state["world"], state["fsdp"]) == (1, False)  # one process in fp32: the plain module, not FSDP2
+
+
+def test_a_plain_run_does_not_resume_an_fsdp_checkpoint(runs, tmp_path, monkeypatch):
+    """The 2-rank FSDP2 checkpoint of the first run, resumed by one fp32 process: a clear error, nothing loaded."""
+    root, data_txt = runs
+    shutil.copytree(root / "s1" / "checkpoints", tmp_path / "run" / "checkpoints")
+    world_of_one(monkeypatch)
+    with pytest.raises(ValueError, match="written by an FSDP2 run; resume it under torchrun or in bf16"):
+        T.main([*COMMON, "--stage", "1", "--data", data_txt, "--out", str(tmp_path / "run"), "--resume"])
 
 
 def test_too_much_bad_data_stops_the_run(tmp_path, monkeypatch):
@@ -231,6 +243,8 @@ def test_config_stage_defaults_and_overrides():
     assert (c2.lr, c2.warmup, c2.grad_ckpt, c2.resume) == (5e-6, 10, True, True)
     assert T.parse_args(["--stage", "2", "--data", "d", "--out", "o", "--no-grad_ckpt"]).grad_ckpt is False
     assert [T.lr_at(s, c2) for s in (1, 5, 10, 20)] == pytest.approx([5e-7, 2.5e-6, 5e-6, 5e-6])
+    c3 = T.parse_args(["--stage", "0", "--data", "d", "--out", "o", "--lr", "1e-3", "--steps", "100", "--decay", "40"])
+    assert [T.lr_at(s, c3) for s in (1, 60, 61, 81, 100)] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 2.5e-5])
     for bad in (["--out", "o"], ["--data", "d", "--out", "o", "--stage", "3"], ["--data", "d", "--out", "o",
                                                                                  "--model", "huge"]):
         with pytest.raises(SystemExit):
