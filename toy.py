@@ -10,11 +10,15 @@ A first faithful attempt learned nothing spatial (shared/reference/toy_findings.
     "segment the red circle at the top left"). Qwen2.5-VL grounds "the red circle" in the reference; the random toy
     VLM cannot, so the denoiser must find the shape itself. With the colour alone it never did: it applied each edit
     to every shape. With the cell named, where to act is read from the words as in text-to-image and add.
+  - The six cell words get structured embeddings in the toy VLM: the RoPE phase of their cell's centre (toy_vlm),
+    as the SigLIP tokens carry that of their patch.
   - Structured SigLIP (still a frozen SiglipVisionModel): no transformer layers; an identity patch embedding keeps
-    the 4x4 patch's 48 pixel values, and fixed 2-D sinusoidal position embeddings use exactly the row/column RoPE
-    frequencies of the denoiser. A SigLIP token at (r, c) then carries cos/sin(r w_k), so a key projected from it
-    meets the RoPE-rotated query of the image token at (r, c) in phase: the denoiser can learn "read the reference
-    patch at my own position" with linear maps, although text tokens get no position ids (q.k peaks at r = r').
+    the 4x4 patch's 48 pixel values, and fixed position embeddings: 2-D sinusoids at exactly the row/column RoPE
+    frequencies of the denoiser, and a one-hot code of the position. A key projected from the token at (r, c) can
+    then meet the RoPE-rotated query of the image token at (r, c): "read the reference patch at my own position",
+    although text tokens get no position ids. With the sinusoids alone that key needs rotation-equivariant maps
+    learned through four layers, and the read formed only in the last block, where no MLP follows to edit what it
+    read; the one-hot code makes each position's key free, and the read forms a block earlier (README).
   - Same grid: SigLIP patch 4 on 32x32 -> 8x8 tokens, one per packed image token; RoPE theta 8 (toy_flux_config).
   - Pixel space: the "autoencoder" is pixel_unshuffle(2) (3 -> 12 channels, 16x16), packed 2x2 by FLUX into
     64 tokens of 48 channels (a 4x4 pixel patch each).
@@ -23,9 +27,12 @@ A first faithful attempt learned nothing spatial (shared/reference/toy_findings.
   - Sharper attention, sooner: the q/k RMSNorm scales learn 10x faster (train.py --qk_norm_lr 10). With RMS-normed
     q and k of a 32-dim head the logits stay under 6 until the scales grow, too flat to pick one of 64 SigLIP tokens;
     at Adam's ~lr per step that growth alone delayed copying by thousands of steps (starting them at 4 did less).
+  - Stage 0 starts from DiT's initialisation (adaLN-Zero: every block the identity, the output zero; dit_init).
   - Curriculum (stage 0 = the toy's FLUX pretraining): first "copy" pairs (target = reference), then the task mix
-    with copies kept in it, then a cool-down at a quarter of the lr. On edits alone the model learns only global
-    statistics; on copies it finds the SigLIP route in ~2k steps.
+    with copies kept in it, its lr decayed linearly to zero over the last 6,000 steps (train.py --decay). On edits
+    alone the model learns only global statistics; on copies it finds the SigLIP route, after 1,000 to 3,000 steps
+    depending on the run (4,000 copy steps).
+  - Each train.py process runs on two threads (1.4x one); a world of one in fp32 trains the plain module (no FSDP2).
   - The frozen encoders' outputs are cached once per stage (train.py --cache).
 """
 
@@ -237,9 +244,25 @@ def toy_flux_config(hidden: int = 64, theta: int = 8, heads: int = 2) -> flux.Fl
                            axes_dim=(head // 8, 7 * head // 16, 7 * head // 16), theta=theta, guidance_embed=True)
 
 
-def toy_vlm(seed: int = 0, hidden: int = 64, layers: int = 2) -> VLMEncoder:
-    """A random frozen Qwen2.5-VL whose vocabulary has one token per toy word; references at 56x56 = 4 tokens."""
-    return tiny_vlm(seed, hidden=hidden, layers=layers, words=WORDS, pixels=56 * 56)
+def toy_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, config: flux.FluxConfig | None = None) -> VLMEncoder:
+    """A random frozen Qwen2.5-VL whose vocabulary has one token per toy word; references at 56x56 = 4 tokens.
+
+    The six cell words get structured embeddings: "top" holds [cos, sin](p w_k) of its cell's centre row p (in image
+    tokens) at the denoiser's RoPE row frequencies, "left" the same for columns (zeros elsewhere), as the toy SigLIP
+    tokens do: a key projected from "top" then meets the rotated queries of the top rows' image tokens in phase."""
+    vlm = tiny_vlm(seed, hidden=hidden, layers=layers, words=WORDS, pixels=56 * 56)
+    c = config or toy_flux_config()
+    emb = vlm.model.get_input_embeddings().weight
+    rows, cols, norm = c.axes_dim[1], c.axes_dim[2], emb.norm(dim=1).mean().item()  # a random token's norm
+    with torch.no_grad():
+        for i, (row_word, col_word) in enumerate(zip(ROWS, COLS, strict=True)):
+            p = (CELL[i] - 2) / (SIZE // 8)  # the cell centre on the 8x8 token grid (token r spans pixels 4r..4r+3)
+            for word, start, dim in ((row_word, 0, rows), (col_word, rows, cols)):
+                w = c.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+                v = torch.zeros(hidden, dtype=torch.float64)
+                v[start : start + dim] = torch.stack([(p * w).cos(), (p * w).sin()], -1).flatten()
+                emb[vlm.tokenizer.convert_tokens_to_ids(word)] = (v * norm / v.norm()).to(emb)
+    return vlm
 
 
 def rope_sincos(n: int, axis_dim: int, theta: int) -> Tensor:
@@ -249,12 +272,15 @@ def rope_sincos(n: int, axis_dim: int, theta: int) -> Tensor:
     return torch.stack([a.cos(), a.sin()], -1).flatten(1).float()
 
 
-def toy_siglip(config: flux.FluxConfig | None = None, hidden: int = 128, patch: int = 4) -> SiglipEncoder:
-    """A SiglipVisionModel with no layers: token = LayerNorm(patch pixels (48) | row, col sinusoids | zeros)."""
+def toy_siglip(config: flux.FluxConfig | None = None, patch: int = 4) -> SiglipEncoder:
+    """A SiglipVisionModel with no layers: token = LayerNorm(patch pixels (48) | row, col sinusoids | position one-hot).
+
+    The one-hot code (64 channels, with the norm of one axis's sinusoids) gives each position a free key: through the
+    siglip_projector any vector, so the denoiser can learn a key that meets the RoPE-rotated query of its own image
+    token, where the sinusoids alone need rotation-equivariant maps learned through four layers (README)."""
     c = config or toy_flux_config()
     side, content = SIZE // patch, 3 * patch * patch
-    if content + c.axes_dim[1] + c.axes_dim[2] > hidden:
-        raise ValueError(f"hidden {hidden} < {content} pixel + {c.axes_dim[1] + c.axes_dim[2]} position channels")
+    hidden = content + c.axes_dim[1] + c.axes_dim[2] + side * side  # 48 + 28 + 64 = 140
     with torch.random.fork_rng():  # the (unused) pooling head's init too: the same file every time
         torch.manual_seed(0)
         model = SiglipVisionModel(SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
@@ -265,11 +291,12 @@ def toy_siglip(config: flux.FluxConfig | None = None, hidden: int = 128, patch: 
         emb.patch_embedding.weight.zero_()
         emb.patch_embedding.bias.zero_()
         emb.patch_embedding.weight.view(hidden, content)[:content] = torch.eye(content)  # identity: pixels kept
-        pos = torch.zeros(side, side, hidden)
-        r0, r1 = content, content + c.axes_dim[1]
-        pos[..., r0:r1] = rope_sincos(side, c.axes_dim[1], c.theta)[:, None]  # row
-        pos[..., r1 : r1 + c.axes_dim[2]] = rope_sincos(side, c.axes_dim[2], c.theta)[None]  # column
-        emb.position_embedding.weight.copy_(pos.flatten(0, 1))
+        pos = torch.zeros(side * side, hidden)
+        r0, r1, r2 = content, content + c.axes_dim[1], content + c.axes_dim[1] + c.axes_dim[2]
+        pos[:, r0:r1] = rope_sincos(side, c.axes_dim[1], c.theta).repeat_interleave(side, 0)  # row of token i
+        pos[:, r1:r2] = rope_sincos(side, c.axes_dim[2], c.theta).repeat(side, 1)  # its column
+        pos[:, r2:] = torch.eye(side * side) * (c.axes_dim[1] / 2) ** 0.5  # the row sinusoids' norm
+        emb.position_embedding.weight.copy_(pos)
     return SiglipEncoder(model, SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}))
 
 
@@ -307,10 +334,31 @@ def toy_models(cfg, device, ref_latents: bool = False) -> tuple[UniWorld, Encode
         model = load_uniworld(cfg.flux, with_vlm=False, config=toy_flux_config())[0].train()
     else:
         torch.manual_seed(cfg.seed)
-        model = UniWorld(flux.Flux(toy_flux_config()), vlm_dim=64, siglip_dim=128)
+        model = UniWorld(flux.Flux(toy_flux_config()), vlm_dim=64, siglip_dim=toy_siglip().model.config.hidden_size)
+        dit_init(model.denoiser)
     siglip = toy_siglip() if cfg.stage != 1 and cfg.siglip != "none" else None  # --siglip none: the ablation
     encoders = (ReferenceEncoders if ref_latents else Encoders)(vlm=toy_vlm(VLM_SEED), siglip=siglip, ae=PixelAE())
     return (ReferenceLatents.of(model) if ref_latents else model), encoders
+
+
+def dit_init(denoiser: flux.Flux) -> None:
+    """DiT's initialisation for a denoiser trained from scratch (FLUX.1's own is unpublished): xavier-uniform linear
+    weights, zero biases, N(0, 0.02) timestep/guidance/vector embedders, and adaLN-Zero: every modulation and the
+    output layer start at zero, so each block starts as the identity and the model predicts 0."""
+    for m in denoiser.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+    for embedder in (e for e in (denoiser.time_in, denoiser.guidance_in, denoiser.vector_in) if e is not None):
+        for layer in (embedder.in_layer, embedder.out_layer):
+            torch.nn.init.normal_(layer.weight, std=0.02)
+    zero = [b.img_mod.lin for b in denoiser.double_blocks] + [b.txt_mod.lin for b in denoiser.double_blocks]
+    zero += [b.modulation.lin for b in denoiser.single_blocks]
+    zero += [denoiser.final_layer.adaLN_modulation[1], denoiser.final_layer.linear]
+    for layer in zero:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
 
 
 class ReferenceLatents(UniWorld):
@@ -463,29 +511,34 @@ def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The recipe: five train.py runs (stage 0 on copies, on the mix, its cool-down; stage 1, stage 2), then the evaluation
+# The recipe: four train.py runs (stage 0 on copies, then on the mix with its cool-down; stage 1, stage 2), then the
+# evaluation
 
 COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk_norm_lr 10 --ema_decay 0.995 "
           "--precision fp32 --log_every 50 --val_every 1000000000 --ckpt_every 1000000000 --val_steps 20 "
           "--val_guidance 1")
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the dataset's, {train}: its train.txt)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 4000 --cache {out}/cache/copy"),
-    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 48000 --cache {out}/cache/train"),
-    ("s0-cool", "--stage 0 --data {train} --init {out}/s0 --steps 4000 --lr 5e-4 --cache {out}/cache/train"),
-    ("s1", "--stage 1 --data {train} --flux {out}/s0-cool/ema --steps 500 --lr 1e-3"),  # no cache: too short
-    ("s2", "--stage 2 --data {train} --flux {out}/s0-cool/ema --init {out}/s1 --steps 2000 --lr 1e-4 "
+    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 40000 --decay 6000 --cache {out}/cache/train"),
+    ("s1", "--stage 1 --data {train} --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
+    ("s2", "--stage 2 --data {train} --flux {out}/s0/ema --init {out}/s1 --steps 1000 --lr 1e-4 "
            "--warmup 0 --no-grad_ckpt --cache {out}/cache/train"),  # s0's cache
 )
 ABLATIONS = {"none": "", "no-siglip": "--siglip none", "ref-latents": "--model toy-ref",
              "uniform": "--weighting none"}  # the three of the issue: one flag each, added to every stage
 
 
-def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threads: int = 1,
+def steps_of(flags: str) -> int:
+    """The --steps of a RECIPE entry."""
+    return int(flags.split("--steps ")[1].split()[0])
+
+
+def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threads: int = 2,
           tasks: list[str] | None = None, flags: str = "", minutes: float | None = None) -> None:
     """Run the recipe: each stage a `python train.py` process, its EMA export made loadable by sample.py. `scale`
-    multiplies every stage's steps; `tasks` keeps only those tasks (and the copies) of train.txt: a focused run.
-    `flags` go to every train.py call (a GPU's "--batch_size 64 --workers 8"); `minutes` sizes the long stage-0 run
-    from the speed of the copy stage so that the whole recipe ends in that time (a lent GPU's time)."""
+    multiplies every stage's steps (and stage 0's cool-down); `tasks` keeps only those tasks (and the copies) of
+    train.txt: a focused run. `flags` go to every train.py call (a GPU's "--batch_size 64 --workers 8"); `minutes`
+    sizes the long stage-0 run from the speed of the copy stage so that the whole recipe ends in that time."""
     start, rate = time.perf_counter(), None  # rate: steps per second of wall time, measured on the copy stage
     train_txt = os.path.join(data, "train.txt")
     if tasks:
@@ -501,11 +554,13 @@ def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threa
             continue
         argv = f"{COMMON} {stage_flags} {ABLATIONS[ablation]} {flags} --out {out}/{name}"
         argv = argv.format(out=out, data=data, train=train_txt).split()
-        steps = argv.index("--steps") + 1
-        argv[steps] = str(max(1, round(int(argv[steps]) * scale)))
+        factor = scale
         if name == "s0" and minutes and rate:  # the time left, less the short stages after it at the same speed
-            after = sum(int(f.split("--steps ")[1].split()[0]) * scale for _, f in RECIPE[i + 1 :])
-            argv[steps] = str(max(1, int((minutes * 60 - (time.perf_counter() - start)) * rate - after)))
+            after = sum(steps_of(f) * scale for _, f in RECIPE[i + 1 :])
+            factor = max(1, (minutes * 60 - (time.perf_counter() - start)) * rate - after) / steps_of(stage_flags)
+        for flag in ("--steps", "--decay"):  # the cool-down keeps its share of the stage
+            if flag in argv:
+                argv[argv.index(flag) + 1] = str(max(1, round(int(argv[argv.index(flag) + 1]) * factor)))
         print(f"{name}: python train.py {' '.join(argv)}", flush=True)
         t = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -513,7 +568,7 @@ def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threa
                        check=True, env=env)
         save_toy(os.path.join(out, name, "ema"), ref_latents=ablation == "ref-latents")
         t = time.perf_counter() - t
-        rate = rate or int(argv[steps]) / t
+        rate = rate or int(argv[argv.index("--steps") + 1]) / t
         print(f"{name}: {t:.0f} s", flush=True)
 
 
@@ -549,7 +604,7 @@ if __name__ == "__main__":
     t.add_argument("--out", required=True)
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
     t.add_argument("--ablation", choices=sorted(ABLATIONS), default="none")
-    t.add_argument("--threads", type=int, default=1, help="OpenMP threads of each train.py process")
+    t.add_argument("--threads", type=int, default=2, help="OpenMP threads of each train.py process (2: 1.4x 1)")
     t.add_argument("--tasks", nargs="+", choices=TASKS, help="train (and evaluate) only these tasks")
     t.add_argument("--flags", default="", help='more train.py flags for every stage, e.g. "--batch_size 64"')
     t.add_argument("--minutes", type=float, help="fit the recipe in this time: stage 0's steps from the copies' speed")

@@ -12,6 +12,7 @@ import data
 import flux
 import model as M
 import toy
+from encoders import tiny_vlm
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +80,38 @@ def test_dataset_is_deterministic_and_held_out_pairs_are_not_trained_on(dataset,
     assert not held_out & {key(r) for r in toy.load_records(dataset, "train")}
 
 
-def test_toy_siglip_keeps_patch_content_and_rope_phase():
+def test_toy_siglip_keeps_patch_content_rope_phase_and_position_code():
     siglip = toy.toy_siglip()
     img = np.zeros((toy.SIZE, toy.SIZE, 3), np.uint8)
     img[4:8, 8:12] = (255, 0, 0)  # the patch at row 1, column 2 of the 8x8 grid
-    tokens = siglip([Image.fromarray(img)])[0]  # (64, 128)
-    assert tokens.shape == (64, 128)
+    tokens = siglip([Image.fromarray(img)])[0]  # (64, 140)
+    assert tokens.shape == (64, 48 + 28 + 64)
     red = tokens[:, :48].std(-1)
     assert red.argmax() == 1 * 8 + 2 and red.max() > 10 * red[0]  # only that token sees the red pixels
+    code = tokens[:, 76:]  # the position one-hot, after the LayerNorm: token i's largest entry at channel i
+    assert torch.equal(code.argmax(-1), torch.arange(64)) and (code.max(-1).values > 2 * code.abs().mean(-1) + 1).all()
     again = toy.toy_siglip().model.state_dict()
     assert all(torch.equal(v, again[k]) for k, v in siglip.model.state_dict().items())  # deterministic, every tensor
     c = toy.toy_flux_config()
     rows = toy.rope_sincos(8, c.axes_dim[1], c.theta)
     w = 1 / c.theta ** (torch.arange(0, c.axes_dim[1], 2) / c.axes_dim[1])
     assert torch.allclose(rows[3, 0::2], torch.cos(3 * w), atol=1e-6)  # the RoPE frequencies of the row axis
+
+
+def test_toy_vlm_cell_words_carry_the_rope_phase_of_their_cell():
+    """"top" meets, in phase, the RoPE-rotated rows of the top cell; "left" the columns of the left cell; other words
+    keep tiny_vlm's random embeddings."""
+    c, vlm = toy.toy_flux_config(), toy.toy_vlm()
+    emb, ids = vlm.model.get_input_embeddings().weight, vlm.tokenizer.convert_tokens_to_ids
+    rows = toy.rope_sincos(8, c.axes_dim[1], c.theta)  # (8, 14): [cos, sin](r w_k) of token row r
+    best = [1, 3, 6]  # the token rows nearest the cell centres 0.9, 3.4 and 5.9
+    for words, start in ((toy.ROWS, 0), (toy.COLS, c.axes_dim[1])):
+        for word, r in zip(words, best, strict=True):
+            e = emb[ids(word)]
+            assert not e[:start].any() and not e[start + 14 :].any()
+            assert (rows @ e[start : start + 14]).argmax() == r  # sum_k cos((r - p) w_k): largest at the cell's row
+    other = tiny_vlm(0, hidden=64, layers=2, words=toy.WORDS, pixels=56 * 56).model.get_input_embeddings().weight
+    assert torch.equal(emb[ids("red")], other[ids("red")]) and not torch.equal(emb[ids("top")], other[ids("top")])
 
 
 def test_flux_config_splits_each_head_like_flux():
@@ -102,6 +121,27 @@ def test_flux_config_splits_each_head_like_flux():
     flux.Flux(toy.toy_flux_config(hidden=128, heads=4))  # a valid split at any width
     with pytest.raises(ValueError, match="multiple of 32"):
         toy.toy_flux_config(heads=4)  # heads of 16 cannot be split into even RoPE widths
+
+
+def test_dit_init_makes_every_block_the_identity_and_the_output_zero():
+    """Stage 0 from scratch (adaLN-Zero): zero gates, so each block passes its streams through; the velocity is 0,
+    and the output layer, which must move first, gets a gradient."""
+    torch.manual_seed(0)
+    f = flux.Flux(toy.toy_flux_config())
+    toy.dit_init(f)
+    img, txt, vec = torch.randn(2, 64, 64), torch.randn(2, 10, 64), torch.randn(2, 64)
+    pe = flux.rope(torch.zeros(2, 74, 3), f.config.axes_dim, f.config.theta)
+    out = f.double_blocks[0](img, txt, vec, pe)
+    assert torch.equal(out[0], img) and torch.equal(out[1], txt)
+    x = torch.cat((txt, img), 1)
+    assert torch.equal(f.single_blocks[0](x, vec, pe), x)
+    v = f(torch.randn(2, 64, 48), flux.image_ids(16, 16), torch.randn(2, 10, 128), flux.text_ids(10), torch.rand(2),
+          torch.zeros(2, 16), torch.ones(2))
+    assert torch.equal(v, torch.zeros_like(v))
+    (v - 1).pow(2).sum().backward()
+    gates = [f.double_blocks[0].img_mod.lin.weight, f.single_blocks[1].modulation.lin.weight]
+    assert all(p.grad.abs().sum() > 0 for p in [f.final_layer.linear.weight, f.final_layer.linear.bias])
+    assert all(p.grad is not None for p in gates)  # zero until the output layer moves, but connected
 
 
 def test_pixel_autoencoder_round_trip_and_token_grid():
@@ -146,7 +186,7 @@ def test_psnr_and_palette_classification():
 def test_reference_latents_ablation_puts_the_reference_in_the_image_stream():
     """Ablation 2: the reference's pixel latents ride in the features and change the velocity; t2i gets zeros."""
     torch.manual_seed(0)
-    model = toy.ReferenceLatents.of(M.UniWorld(flux.Flux(toy.toy_flux_config()), 64, 128)).eval()
+    model = toy.ReferenceLatents.of(M.UniWorld(flux.Flux(toy.toy_flux_config()), 64, 140)).eval()
     enc = toy.ReferenceEncoders(toy.toy_vlm(), toy.toy_siglip(), toy.PixelAE())
     rng = np.random.default_rng(0)
     refs = [Image.fromarray(toy.make_sample(rng, "recolor")["refs"][0]) for _ in range(2)]
@@ -167,11 +207,11 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     falls, every stage exports a model sample.py loads, and the held-out evaluation runs on it (~1 min)."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 40 copy steps, 480 mix steps, 40 cool-down, 5 + 20 in stages 1 and 2
+    toy.train(root, run, scale=0.01)  # 20 copy steps, 300 mix steps (the last 50 cooling down), 5 + 10 in s1, s2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
-    for stage in ("s0-copy", "s0", "s0-cool", "s1", "s2"):
+    for stage in ("s0-copy", "s0", "s1", "s2"):
         assert os.path.isfile(os.path.join(run, stage, "ema", "toy.json"))
     rows = toy.evaluate_folder(os.path.join(run, "s2", "ema"), root, show=False)
     assert set(rows) == set(toy.TASKS) and all(r["n"] == 2 for r in rows.values())
@@ -207,8 +247,9 @@ def test_recipe_flags_and_time_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(toy.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(toy, "save_toy", lambda folder, ref_latents: None)
     toy.train(str(tmp_path / "data"), str(tmp_path / "run"), flags="--batch_size 64", minutes=1.0)
-    assert [a[a.index("--out") + 1].rsplit("/", 1)[1] for a in runs] == ["s0-copy", "s0", "s0-cool", "s1", "s2"]
+    assert [a[a.index("--out") + 1].rsplit("/", 1)[1] for a in runs] == ["s0-copy", "s0", "s1", "s2"]
     assert all(a[-4:-2] == ["--batch_size", "64"] and a.count("--batch_size") == 2 for a in runs)
     steps = [int(a[a.index("--steps") + 1]) for a in runs]
-    # copies: 4,000 steps in 10 s -> 400 steps/s; stage 0 at 30 s: (60 - 30) s * 400 - (4,000 + 500 + 2,000) = 5,500
-    assert steps == [4000, 5500, 4000, 500, 2000]
+    # copies: 4,000 steps in 10 s -> 400 steps/s; stage 0 at 30 s: (60 - 30) s * 400 - (500 + 1,000) = 10,500 steps,
+    # of which the cool-down keeps its share (6,000 of 40,000)
+    assert steps == [4000, 10500, 500, 1000] and runs[1][runs[1].index("--decay") + 1] == "1575"

@@ -7,7 +7,7 @@
 set -euo pipefail
 out=${1:?usage: bash assets/toy/train_gpu.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
-scale=${SCALE:-0.25}  # copies 1,000 steps, stage 1 125, stage 2 500 (stage 0: the time left)
+scale=${SCALE:-0.25}  # copies 1,000 steps, stage 1 125, stage 2 250 (stage 0: the time left)
 flags=${FLAGS:---batch_size 64 --workers 8}
 start=$(date +%s) work=/tmp/toy-gpu
 export PYTHONUNBUFFERED=1
