@@ -203,11 +203,12 @@ def test_reference_latents_ablation_puts_the_reference_in_the_image_stream():
 
 
 def test_recipe_through_train_py_learns_and_samples(tmp_path):
-    """CI's shortened toy training: the five train.py runs of the recipe at 1% of their steps; the stage-0 loss
-    falls, every stage exports a model sample.py loads, and the held-out evaluation runs on it (~1 min)."""
+    """CI's shortened toy training: the four train.py runs of the recipe at 1% of their steps; the stage-0 loss
+    falls, every stage exports a model sample.py loads, the held-out evaluation and bench/toy_probe.py's attention
+    probe run on it (~1 min)."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 20 copy steps, 300 mix steps (the last 50 cooling down), 5 + 10 in s1, s2
+    toy.train(root, run, scale=0.01)  # 40 copy steps, 400 mix steps (the last 60 decaying), 5 + 10 in s1, s2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
@@ -215,6 +216,15 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
         assert os.path.isfile(os.path.join(run, stage, "ema", "toy.json"))
     rows = toy.evaluate_folder(os.path.join(run, "s2", "ema"), root, show=False)
     assert set(rows) == set(toy.TASKS) and all(r["n"] == 2 for r in rows.values())
+    from bench.toy_probe import attention_probe
+
+    model, encoders, _ = toy.load_toy(os.path.join(run, "s2", "ema"))
+    refs = [r["refs"][0] for r in toy.load_records(root, "test") if r["refs"]][:3]
+    probe, attention = attention_probe(model, encoders, refs, sigma=0.5), flux.attention
+    assert [name for name, _ in probe] == ["d0", "d1", "s0", "s1"] and flux.attention is attention  # restored
+    for _, row in probe:  # (heads, 3): own-position SigLIP token <= all SigLIP tokens; SigLIP + VLM <= 1
+        assert row.shape == (2, 3) and (row >= 0).all() and (row[:, 0] <= row[:, 1] + 1e-6).all()
+        assert (row[:, 1] + row[:, 2] <= 1 + 1e-5).all()
     import sample
 
     out = str(tmp_path / "edit.png")
