@@ -29,7 +29,7 @@ A first faithful attempt learned nothing spatial (shared/reference/toy_findings.
     at Adam's ~lr per step that growth alone delayed copying by thousands of steps (starting them at 4 did less).
   - Stage 0 starts from DiT's initialisation (adaLN-Zero: every block the identity, the output zero; dit_init).
   - Curriculum (stage 0 = the toy's FLUX pretraining): first "copy" pairs (target = reference), then the task mix
-    with copies kept in it, its lr decayed linearly to zero over the last 6,000 steps (train.py --decay). On edits
+    with copies kept in it, its lr decayed linearly to zero over the last 5,400 steps (train.py --decay). On edits
     alone the model learns only global statistics; on copies it finds the SigLIP route, after 1,000 to 3,000 steps
     depending on the run (4,000 copy steps).
   - Each train.py process runs on two threads (1.4x one); a world of one in fp32 trains the plain module (no FSDP2).
@@ -519,7 +519,7 @@ COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk
           "--val_guidance 1")
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the dataset's, {train}: its train.txt)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 4000 --cache {out}/cache/copy"),
-    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 40000 --decay 6000 --cache {out}/cache/train"),
+    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 36000 --decay 5400 --cache {out}/cache/train"),
     ("s1", "--stage 1 --data {train} --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
     ("s2", "--stage 2 --data {train} --flux {out}/s0/ema --init {out}/s1 --steps 1000 --lr 1e-4 "
            "--warmup 0 --no-grad_ckpt --cache {out}/cache/train"),  # s0's cache

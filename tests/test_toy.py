@@ -208,7 +208,7 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     probe run on it (~1 min)."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 40 copy steps, 400 mix steps (the last 60 decaying), 5 + 10 in s1, s2
+    toy.train(root, run, scale=0.01)  # 40 copy steps, 360 mix steps (the last 54 decaying), 5 + 10 in s1, s2
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
@@ -261,5 +261,5 @@ def test_recipe_flags_and_time_budget(tmp_path, monkeypatch):
     assert all(a[-4:-2] == ["--batch_size", "64"] and a.count("--batch_size") == 2 for a in runs)
     steps = [int(a[a.index("--steps") + 1]) for a in runs]
     # copies: 4,000 steps in 10 s -> 400 steps/s; stage 0 at 30 s: (60 - 30) s * 400 - (500 + 1,000) = 10,500 steps,
-    # of which the cool-down keeps its share (6,000 of 40,000)
+    # of which the cool-down keeps its share (5,400 of 36,000)
     assert steps == [4000, 10500, 500, 1000] and runs[1][runs[1].index("--decay") + 1] == "1575"
