@@ -258,18 +258,17 @@ def toy_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, config: flux.FluxC
         for i, (row_word, col_word) in enumerate(zip(ROWS, COLS, strict=True)):
             p = (CELL[i] - 2) / (SIZE // 8)  # the cell centre on the 8x8 token grid (token r spans pixels 4r..4r+3)
             for word, start, dim in ((row_word, 0, rows), (col_word, rows, cols)):
-                w = c.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
                 v = torch.zeros(hidden, dtype=torch.float64)
-                v[start : start + dim] = torch.stack([(p * w).cos(), (p * w).sin()], -1).flatten()
+                v[start : start + dim] = rope_sincos(torch.tensor([p], dtype=torch.float64), dim, c.theta)[0]
                 emb[vlm.tokenizer.convert_tokens_to_ids(word)] = (v * norm / v.norm()).to(emb)
     return vlm
 
 
-def rope_sincos(n: int, axis_dim: int, theta: int) -> Tensor:
-    """(n, axis_dim): [cos(p w_k), sin(p w_k)] interleaved for positions p < n, w_k = theta^(-2k/axis_dim) (RoPE's)."""
+def rope_sincos(positions: Tensor, axis_dim: int, theta: int) -> Tensor:
+    """(n,) positions p -> (n, axis_dim) float64: [cos(p w_k), sin(p w_k)] interleaved, w_k = theta^(-2k/axis_dim)."""
     w = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
-    a = torch.arange(n, dtype=torch.float64)[:, None] * w  # (n, axis_dim/2)
-    return torch.stack([a.cos(), a.sin()], -1).flatten(1).float()
+    a = positions.double()[:, None] * w  # (n, axis_dim/2)
+    return torch.stack([a.cos(), a.sin()], -1).flatten(1)
 
 
 def toy_siglip(config: flux.FluxConfig | None = None, patch: int = 4) -> SiglipEncoder:
@@ -293,8 +292,9 @@ def toy_siglip(config: flux.FluxConfig | None = None, patch: int = 4) -> SiglipE
         emb.patch_embedding.weight.view(hidden, content)[:content] = torch.eye(content)  # identity: pixels kept
         pos = torch.zeros(side * side, hidden)
         r0, r1, r2 = content, content + c.axes_dim[1], content + c.axes_dim[1] + c.axes_dim[2]
-        pos[:, r0:r1] = rope_sincos(side, c.axes_dim[1], c.theta).repeat_interleave(side, 0)  # row of token i
-        pos[:, r1:r2] = rope_sincos(side, c.axes_dim[2], c.theta).repeat(side, 1)  # its column
+        grid = torch.arange(side)
+        pos[:, r0:r1] = rope_sincos(grid, c.axes_dim[1], c.theta).repeat_interleave(side, 0)  # row of token i
+        pos[:, r1:r2] = rope_sincos(grid, c.axes_dim[2], c.theta).repeat(side, 1)  # its column
         pos[:, r2:] = torch.eye(side * side) * (c.axes_dim[1] / 2) ** 0.5  # the row sinusoids' norm
         emb.position_embedding.weight.copy_(pos)
     return SiglipEncoder(model, SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}))

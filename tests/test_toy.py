@@ -93,7 +93,7 @@ def test_toy_siglip_keeps_patch_content_rope_phase_and_position_code():
     again = toy.toy_siglip().model.state_dict()
     assert all(torch.equal(v, again[k]) for k, v in siglip.model.state_dict().items())  # deterministic, every tensor
     c = toy.toy_flux_config()
-    rows = toy.rope_sincos(8, c.axes_dim[1], c.theta)
+    rows = toy.rope_sincos(torch.arange(8), c.axes_dim[1], c.theta).float()
     w = 1 / c.theta ** (torch.arange(0, c.axes_dim[1], 2) / c.axes_dim[1])
     assert torch.allclose(rows[3, 0::2], torch.cos(3 * w), atol=1e-6)  # the RoPE frequencies of the row axis
 
@@ -103,7 +103,7 @@ def test_toy_vlm_cell_words_carry_the_rope_phase_of_their_cell():
     keep tiny_vlm's random embeddings."""
     c, vlm = toy.toy_flux_config(), toy.toy_vlm()
     emb, ids = vlm.model.get_input_embeddings().weight, vlm.tokenizer.convert_tokens_to_ids
-    rows = toy.rope_sincos(8, c.axes_dim[1], c.theta)  # (8, 14): [cos, sin](r w_k) of token row r
+    rows = toy.rope_sincos(torch.arange(8), c.axes_dim[1], c.theta).float()  # (8, 14): [cos, sin](r w_k) of row r
     best = [1, 3, 6]  # the token rows nearest the cell centres 0.9, 3.4 and 5.9
     for words, start in ((toy.ROWS, 0), (toy.COLS, c.axes_dim[1])):
         for word, r in zip(words, best, strict=True):
