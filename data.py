@@ -1,4 +1,4 @@
-"""Training data in the official UniWorld-V1 format (uniworld.md §5): read, checked, bucketed, sharded, resumable.
+"""Training data in the official UniWorld-V1 format (docs/official.md §7): read, checked, bucketed, sharded, resumable.
 
     data.txt  one dataset per line: image_root,json_path,need_weight  (relative paths start at data.txt's folder)
     JSON      a list of records {"image": ["ref.png", "target.png"],            the last image is the target
@@ -6,33 +6,37 @@
                                                    {"from": "gpt", "value": "<gen_image>"}]}
               valid when the <image> and <gen_image> markers together number the images (official check_data.py)
 
-    record -> PIL (EXIF-transposed, RGB) -> target resized to its size, sides multiples of 16 -> pixels in [-1, 1]
-                                         -> references as they are: the encoders resize them (VLM 448², SigLIP 512²)
-                                         -> edit weights from masks.py, references resized to the target first
+    record -> PIL (EXIF-transposed, RGB) -> target at its training size, sides multiples of 16 -> pixels in [-1, 1]
+                                         -> references as they are (resized to the target's size when theirs differs)
+                                         -> edit weights (paper §3.5) on the images at Qwen's size, as official
 
 Sizes: the official default squashes every target to 512² ('any_1ratio'); `buckets=True` picks the closest of the
-11 ratios at a resolution² area anchor instead ('any_11ratio', as the released run did, §3.4 and §6.2).
-Bad data (a missing, truncated, corrupt or tiny image, a malformed record, an edit masks.py rejects) never stops a
-run: the sample is skipped with one warning and replaced by the next one of its bucket, and the skips are counted,
-so train.py can stop with a clear message when they pass a fraction of the data (check_bad).
-The frozen encoders' outputs (encode) can be computed once per sample and read back from a cache (build_cache).
+11 ratios at a resolution² area anchor instead ('any_11ratio', as the released run did; docs/official.md §4.7).
+A batch holds samples of one size and one number of references, so that a text-to-image sample is never padded to
+an edit's SigLIP tokens.
+Bad data (an unreadable JSON file, a malformed record, a missing, truncated, corrupt, tiny or too elongated image, an
+edit masks.py rejects) never stops a run: it is skipped with one warning naming it, replaced by the next sample of
+its bucket and counted, so that train.py stops with a clear message only when the bad part passes --max_bad.
+The frozen encoders' outputs can be computed once per sample and read back from a cache (build_cache).
 """
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from encoders import VLM_PIXELS, qwen_input_size
 from masks import EditTooSmall, loss_weights
-from sample import dynamic_resize
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ IMAGE, GEN_IMAGE = "<image>", "<gen_image>"
 MIN_SIDE = 16  # smaller images are "wrongly sized": nothing to learn from them at 512²
 MAX_TRIES = 16  # bad samples in a row before a bucket is declared broken
 MIN_SEEN = 50  # check_bad waits for this many samples, so that one early bad file does not stop a run
+RATIOS = [(16, 9), (9, 16), (7, 5), (5, 7), (5, 4), (4, 5), (4, 3), (3, 4), (3, 2), (2, 3), (1, 1)]  # (w, h)
 
 
 class BadSample(Exception):
@@ -48,6 +53,14 @@ class BadSample(Exception):
 
 class TooMuchBadData(RuntimeError):
     """More of the data is bad than the limit allows: better to stop than to train on a fraction of it."""
+
+
+def dynamic_resize(height: float, width: float, area: int = 1024 * 1024) -> tuple[int, int]:
+    """Official anyres 'any_11ratio' (univa/utils/anyres_util.py): the closest of 11 ratios w:h, in blocks of 32 px,
+    scaled by round(sqrt(area / block area)). At 1024²: 4:3 -> 864x1152, 3:2 -> 832x1248, 16:9 -> 864x1536."""
+    rw, rh = min(RATIOS, key=lambda r: abs(r[0] / r[1] - width / height))
+    scale = max(1, round(math.sqrt(area / (32 * rh * 32 * rw))))  # max: the official gives 0 below half a block
+    return 32 * rh * scale, 32 * rw * scale
 
 
 @dataclass
@@ -62,9 +75,8 @@ def parse_record(raw, root: str, need_weight: bool) -> Record:
     """One JSON record -> Record; raises BadSample saying what is wrong with it."""
     if not isinstance(raw, dict) or "image" not in raw or "conversations" not in raw:
         raise BadSample("a record needs the keys 'image' and 'conversations'")
-    images = [raw["image"]] if isinstance(raw["image"], str) else raw["image"]
-    turns = raw["conversations"]
-    if not images or not all(isinstance(p, str) for p in images):
+    images, turns = [raw["image"]] if isinstance(raw["image"], str) else raw["image"], raw["conversations"]
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
         raise BadSample(f"'image' must be a path or a non-empty list of paths, got {raw['image']!r}")
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise BadSample("'conversations' must be a list of {'from': ..., 'value': str} turns")
@@ -77,7 +89,7 @@ def parse_record(raw, root: str, need_weight: bool) -> Record:
 
 
 def read_data_txt(path: str) -> tuple[list[Record], int]:
-    """data.txt -> (valid records, number of malformed ones); a malformed data.txt itself is an error."""
+    """data.txt -> (valid records, number of bad ones: a JSON file that cannot be read counts as one)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data.txt at {path!r}; pass --data with lines image_root,json_path,need_weight")
     here, records, bad = os.path.dirname(os.path.abspath(path)), [], 0
@@ -91,12 +103,17 @@ def read_data_txt(path: str) -> tuple[list[Record], int]:
             raise ValueError(f"{path}:{n}: expected 'image_root,json_path,need_weight' (need_weight true or false), "
                              f"got {line.strip()!r}")
         root, json_path = (os.path.join(here, f) for f in fields[:2])  # join keeps absolute paths as they are
-        if not os.path.isfile(json_path):
+        if not os.path.isfile(json_path):  # a typo in data.txt, not bad data
             raise FileNotFoundError(f"{path}:{n}: annotation file {json_path!r} does not exist")
-        with open(json_path) as f:
-            raws = json.load(f)
-        if not isinstance(raws, list):
-            raise ValueError(f"{json_path}: expected a JSON list of records, got {type(raws).__name__}")
+        try:
+            with open(json_path, encoding="utf-8") as f:
+                raws = json.load(f)
+            if not isinstance(raws, list):
+                raise ValueError(f"expected a JSON list of records, got {type(raws).__name__}")
+        except (OSError, ValueError) as e:  # unreadable, torn, not UTF-8, not JSON: skipped like a bad record
+            log.warning("skipping %s (%s:%d): %s", json_path, path, n, e)
+            bad += 1
+            continue
         for i, raw in enumerate(raws):
             try:
                 records.append(parse_record(raw, root, fields[2].lower() == "true"))
@@ -107,11 +124,12 @@ def read_data_txt(path: str) -> tuple[list[Record], int]:
 
 
 def open_image(path: str) -> Image.Image:
-    """RGB PIL image with its EXIF orientation applied; any decoding problem is a BadSample."""
+    """RGB PIL image with its EXIF orientation applied; any problem that would stop the encoders is a BadSample."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now: truncated and corrupt files fail here, not later in a worker
             im = ImageOps.exif_transpose(im).convert("RGB")
+        qwen_input_size(*im.size, training=True)  # Qwen's limits (aspect ratio) checked before anything runs
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors... for bad files
         raise BadSample(f"{path}: {type(e).__name__}: {e}") from e
     if min(im.size) < MIN_SIDE:
@@ -134,16 +152,28 @@ def to_pixels(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
+def edit_weights(refs: list[Image.Image], target: Image.Image, latent: tuple[int, int], kind: str, need_weight: bool,
+                 factor: int, pixels: int) -> torch.Tensor:
+    """Paper §3.5 weights (1, *latent) as the official loader computes them: on the target and the references at the
+    target's Qwen training size (bicubic), then nearest-resized to the training latent grid (docs/official.md §6)."""
+    if not refs or not need_weight:
+        return torch.ones(1, *latent)
+    h, w = qwen_input_size(*target.size, training=True, pixels=pixels)
+    weights = loss_weights([r.resize((w, h), Image.BICUBIC) for r in refs], target.resize((w, h), Image.BICUBIC),
+                           kind, True, factor)  # (1, h / factor, w / factor)
+    return F.interpolate(weights[None], size=latent, mode="nearest")[0]
+
+
 class EditData(torch.utils.data.Dataset):
     """The samples of data.txt; dataset[i] is sample i, or the next good one of its bucket if i is bad."""
 
     def __init__(self, data_txt: str, resolution: int = 512, buckets: bool = False, weighting: str = "log",
-                 factor: int = 8):
+                 factor: int = 8, vlm_pixels: int = VLM_PIXELS):
         if resolution % (2 * factor):
             raise ValueError(f"resolution {resolution} must be a multiple of {2 * factor} (the autoencoder's "
                              f"{factor}x, then 2x2 packing)")
         self.records, self.bad_records = read_data_txt(data_txt)
-        self.weighting, self.factor, self.cache = weighting, factor, None  # factor: the autoencoder's downsampling
+        self.weighting, self.factor, self.vlm_pixels, self.cache = weighting, factor, vlm_pixels, None
         self.sizes = {}  # index -> (H, W) of the target in training
         for i, r in enumerate(self.records):
             if not buckets:  # official default: every target squashed to resolution²
@@ -154,27 +184,28 @@ class EditData(torch.utils.data.Dataset):
             except BadSample as e:
                 log.warning("skipping record %d: %s", i, e)
                 self.bad_records += 1
-        self.buckets = {}  # (H, W) -> indices, in order
+        self.buckets = {}  # (H, W, number of references) -> indices, in order
         for i, size in self.sizes.items():
-            self.buckets.setdefault(size, []).append(i)
+            self.buckets.setdefault((*size, len(self.records[i].images) - 1), []).append(i)
         if not self.buckets:
             raise ValueError(f"{data_txt}: no usable records ({self.bad_records} bad); see the warnings above")
-        self.rank_in_bucket = {i: k for members in self.buckets.values() for k, i in enumerate(members)}
+        self.bucket_of = {i: (key, k) for key, members in self.buckets.items() for k, i in enumerate(members)}
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         """Sample i, or the next good sample of its bucket; `skipped` counts the bad ones passed over."""
-        members, k = self.buckets[self.sizes[i]], self.rank_in_bucket[i]
+        key, k = self.bucket_of[i]
+        members = self.buckets[key]
         for tries in range(min(MAX_TRIES, len(members))):
             idx = members[(k + tries) % len(members)]
             try:
                 return {**self.load(idx), "skipped": tries}
             except BadSample as e:
                 log.warning("skipping sample %d: %s", idx, e)
-        raise TooMuchBadData(f"{min(MAX_TRIES, len(members))} bad samples in a row in the {self.sizes[i]} bucket "
-                             f"from sample {i}: check the images of {self.records[i].root}")
+        raise TooMuchBadData(f"{min(MAX_TRIES, len(members))} bad samples in a row in the {key[:2]} bucket from "
+                             f"sample {i}: check the images of {self.records[i].root}")
 
     def first_samples(self, n: int) -> list[dict]:
         """The first n good samples, from their image files (train.py's fixed validation prompts)."""
@@ -201,14 +232,15 @@ class EditData(torch.utils.data.Dataset):
         """{'index', 'instruction', 'references' [PIL], 'pixels' (3, H, W), 'weights' (1, H/factor, W/factor)}."""
         r, (H, W) = self.records[idx], self.sizes[idx]
         *refs, target = [open_image(os.path.join(r.root, p)) for p in r.images]
-        target = target.resize((W, H), Image.BICUBIC)
+        if any(ref.size != target.size for ref in refs):  # official: then every reference takes the target's size
+            refs = [ref.resize(target.size, Image.BICUBIC) for ref in refs]
         try:
-            weights = loss_weights([ref.resize((W, H), Image.BICUBIC) for ref in refs], target, self.weighting,
-                                   r.need_weight, self.factor)
+            weights = edit_weights(refs, target, (H // self.factor, W // self.factor), self.weighting, r.need_weight,
+                                   self.factor, self.vlm_pixels)
         except EditTooSmall as e:  # official: the loader raises and draws another sample
             raise BadSample(str(e)) from e
-        return {"index": idx, "instruction": r.instruction, "references": refs, "pixels": to_pixels(target),
-                "weights": weights}
+        return {"index": idx, "instruction": r.instruction, "references": refs,
+                "pixels": to_pixels(target.resize((W, H), Image.BICUBIC)), "weights": weights}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -229,11 +261,11 @@ def check_bad(bad: int, seen: int, limit: float, what: str = "samples", min_seen
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batches: same-size, shuffled per epoch, split over ranks, resumable
+# Batches: one bucket each, shuffled per epoch, split over ranks, resumable
 
 
 class Batches:
-    """Endless same-size batches for one rank; `epoch` and `batch` (the next one to yield) are its position."""
+    """Endless one-bucket batches for one rank; `epoch` and `batch` (the next one to yield) are its position."""
 
     def __init__(self, dataset: EditData, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  workers: int = 0):
@@ -248,8 +280,8 @@ class Batches:
         """This rank's batches of `epoch`: the same on every run for the same seed, epoch and world size."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         batches = []
-        for size in sorted(self.dataset.buckets):  # each bucket shuffled, cut into full batches
-            members = self.dataset.buckets[size]
+        for key in sorted(self.dataset.buckets):  # each bucket shuffled, cut into full batches
+            members = self.dataset.buckets[key]
             perm = [members[p] for p in torch.randperm(len(members), generator=g).tolist()]
             batches += [perm[i : i + self.batch_size] for i in range(0, len(perm) - self.batch_size + 1,
                                                                      self.batch_size)]
@@ -275,26 +307,7 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The frozen side, and its cache: the encoders never train, so their outputs per sample can be computed once
-
-
-@torch.no_grad()
-def encode(batch: dict, encoders, device) -> dict:
-    """+ 'features' (VLM hidden states and SigLIP tokens, model.Encoders) and 'latents' (VAE, fp32 as official);
-    everything on `device`. Batches from the cache already have both."""
-    if "features" not in batch:
-        batch = {**batch, "features": encoders.features(batch["instruction"], batch["references"]),
-                 "latents": encoders.ae.encode(batch["pixels"].to(device)).float()}
-    return to(batch, device)
-
-
-def to(x, device):
-    """Tensors in nested dicts and lists -> device; anything else as it is."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: to(v, device) for k, v in x.items()}
-    return [to(v, device) for v in x] if isinstance(x, list) else x
+# The encoder cache: the encoders never train, so their outputs per sample can be computed once
 
 
 def cache_path(folder: str, idx: int) -> str:
@@ -302,10 +315,8 @@ def cache_path(folder: str, idx: int) -> str:
 
 
 def write_cached(path: str, sample: dict) -> None:
-    """One encoded sample as one safetensors file: its tensors flat ("features.vlm", ...), the rest in the metadata.
-
-    Safetensors rather than torch.save: no pickle, and reading is 5x faster (0.2 against 1.0 ms for a toy sample),
-    which matters when a small model trains from the cache at hundreds of samples a second."""
+    """One encoded sample as one safetensors file: its tensors flat ("features.vlm", ...), the rest in the metadata
+    (no pickle)."""
     features = sample["features"]
     tensors = {f"features.{k}": v.contiguous() for k, v in features.items() if v is not None}
     tensors.update(latents=sample["latents"].contiguous(), weights=sample["weights"].contiguous())
@@ -324,11 +335,12 @@ def read_cached(path: str) -> dict:
 
 
 def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: dict, batch_size: int = 1) -> None:
-    """Write the encoded form of every good sample, split over the ranks; `meta.json` marks the cache complete.
+    """Write the encoded form (model.Encoders.encode) of every good sample, split over the ranks; `meta.json` marks
+    the cache complete, and the dataset reads from it from then on.
 
     Samples are encoded `batch_size` at a time (same-size samples only, as in training). Resumable: files already
     there are kept. A cache built for another fingerprint (data, sizes, encoders) is an error rather than silently
-    wrong features. Then the dataset reads samples from the cache."""
+    wrong features."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     meta = os.path.join(folder, "meta.json")
     if os.path.isfile(meta):
@@ -354,7 +366,7 @@ def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: d
                     log.warning("not caching sample %d: %s", idx, e)
                     bad += 1
             if samples:
-                batch = to(encode(collate(samples), encoders, device), "cpu")
+                batch = encoders.encode(collate(samples), "cpu")
                 for sample, features, latents in zip(samples, batch["features"], batch["latents"], strict=True):
                     path = cache_path(folder, sample["index"])
                     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,14 +1,15 @@
 """The frozen encoders of UniWorld-V1, through transformers: Qwen2.5-VL, SigLIP, and FLUX's T5 / CLIP text encoders.
 
-- VLMEncoder: Qwen2.5-VL-7B-Instruct; the last-layer hidden state of every token of the prompt (§1.2).
-- SiglipEncoder: siglip2-so400m-patch16-512; 1024 tokens of width 1152 per reference image (§1.3).
+- VLMEncoder: Qwen2.5-VL-7B-Instruct; the last-layer hidden state of every token of the prompt (docs/official.md §2.1).
+- SiglipEncoder: siglip2-so400m-patch16-512; 1024 tokens of width 1152 per reference image (docs/official.md §1.3).
 - T5Encoder / ClipPooled: FLUX.1-dev's T5-XXL sequence and CLIP-L pooled vector (inference extras; training
-  uses only CLIP(""), §1.3).
+  uses only CLIP(""), docs/official.md §2.5).
 Every encoder is frozen and stays in eval mode. `load_*` reads real weights (a local folder or a hub id);
-`tiny_*` builds a random, offline, seeded version with the same interface for tests and toy runs.
+`tiny_vlm` / `tiny_siglip` build random, offline, seeded versions with the same interface (tests, small experiments).
 """
 
 import logging
+import math
 import os
 
 import torch
@@ -17,7 +18,6 @@ from PIL import Image
 from tokenizers import pre_tokenizers
 from transformers import (
     AddedToken,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
     Qwen2_5_VLConfig,
@@ -27,7 +27,6 @@ from transformers import (
     SiglipImageProcessorPil,
     SiglipVisionConfig,
     SiglipVisionModel,
-    T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
@@ -38,9 +37,10 @@ logger = logging.getLogger(__name__)
 QWEN_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 SIGLIP_ID = "google/siglip2-so400m-patch16-512"
 FLUX_ID = "black-forest-labs/FLUX.1-dev"
-VLM_PIXELS = 448 * 448  # §5.2: reference images go to Qwen at min = max = 200704 pixels (256 image tokens at 1:1)
+VLM_PIXELS = 448 * 448  # images reach Qwen at about 200,704 pixels: 256 image tokens at 1:1 (docs/official.md §3)
+MAX_RATIO = 200  # Qwen2.5-VL refuses images more elongated than this
 
-IMAGE = "<image>"  # the marker of the official data (§5.1): "Make the car red.\n<image>"
+IMAGE = "<image>"  # the marker of the official data (docs/official.md §7.1): "Make the car red.\n<image>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE_BLOCK = VISION_START + IMAGE_PAD + VISION_END  # one pad per image; tokenize() expands it to the image's N
@@ -56,6 +56,31 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's size rule (qwen_vl_utils and transformers): sides rounded to multiples of `factor`, then scaled
+    down (floor) or up (ceil) into [min_pixels, max_pixels] at the original aspect ratio (docs/official.md §3.1)."""
+    if max(height, width) > MAX_RATIO * min(height, width):
+        raise ValueError(f"a {width}x{height} image: Qwen2.5-VL takes aspect ratios up to {MAX_RATIO}; crop it")
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = (max(factor, math.floor(side / beta / factor) * factor) for side in (height, width))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_input_size(width: int, height: int, *, training: bool, pixels: int = VLM_PIXELS) -> tuple[int, int]:
+    """(height, width) at which an image reaches Qwen2.5-VL in the official code (docs/official.md §3): training
+    resizes once at factor 56 (qwen_vl_utils' fetch_image(size_factor=56)); inference at factor 28, and then the
+    processor resizes that result again. A 768x512 image: 336x504 in training (216 tokens), 392x560 at inference
+    (280)."""
+    if training:
+        return smart_resize(height, width, 56, pixels, pixels)
+    return smart_resize(*smart_resize(height, width, 28, pixels, pixels), 28, pixels, pixels)
+
+
 class Frozen(nn.Module):
     """Base of the encoders: no parameter takes a gradient, and .train() leaves them in eval mode."""
 
@@ -64,7 +89,7 @@ class Frozen(nn.Module):
         return self.train(False)
 
     def train(self, mode: bool = True):
-        return super().train(False)  # the VLM, SigLIP, T5 and CLIP are frozen in both stages (§1.2)
+        return super().train(False)  # the VLM, SigLIP, T5 and CLIP are frozen in both stages (paper §3.2)
 
     @property
     def device(self) -> torch.device:
@@ -83,10 +108,12 @@ class VLMEncoder(Frozen):
         self.model, self.tokenizer, self.image_processor, self.pixels = model, tokenizer, image_processor, pixels
         self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.vision_end_id = tokenizer.convert_tokens_to_ids(VISION_END)  # the j-th one closes the j-th image
+        self.assistant_id = tokenizer.convert_tokens_to_ids("assistant")  # the task router reads its last one
         self.freeze()
 
     def prompt(self, instruction: str, n_images: int, train: bool = True) -> str:
-        """The prompt string before the image pads are expanded, built as the official code builds it (§5.2)."""
+        """The prompt string before the image pads are expanded, as the official code builds it (docs/official.md
+        §2.2)."""
         if train:  # Qwen2VLPrompter.get_train_prompt: no system turn; the answer <gen_image> becomes <|vision_start|>
             if instruction.count(IMAGE) != n_images:
                 raise ValueError(
@@ -112,8 +139,12 @@ class VLMEncoder(Frozen):
         texts = [self.prompt(text, len(imgs), train) for text, imgs in zip(instructions, images, strict=True)]
         batch = {}
         flat = [img.convert("RGB") for imgs in images for img in imgs]
-        if flat:
-            size = {"shortest_edge": self.pixels, "longest_edge": self.pixels}  # min = max pixels
+        if flat:  # as the official code: PIL bicubic at factor 56 (training) or 28 (inference), then the processor,
+            # which keeps that size in training and resizes it once more at inference (docs/official.md §3.2, §3.3)
+            factor, bounds = (56, (56 * 56, 28 * 28 * 16384)) if train else (28, (self.pixels, self.pixels))
+            flat = [img.resize(smart_resize(img.height, img.width, factor, self.pixels, self.pixels)[::-1],
+                               Image.BICUBIC) for img in flat]
+            size = {"shortest_edge": bounds[0], "longest_edge": bounds[1]}
             px = self.image_processor(images=flat, size=size, return_tensors="pt")
             batch.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])  # (sum hw, 1176), (N, 3)
             counts = iter((px["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist())
@@ -127,7 +158,8 @@ class VLMEncoder(Frozen):
     def forward(self, instructions: list[str], images: list[list[Image.Image]], train: bool = True):
         """-> hidden (B, L, D), attention_mask (B, L), input_ids (B, L); rows are left-padded.
 
-        Image j of row b ends at the j-th `vision_end_id` in input_ids[b] (§1.3: its SigLIP tokens go right before).
+        Image j of row b ends at the j-th `vision_end_id` in input_ids[b]; its SigLIP tokens go right before
+        (docs/official.md §2.3).
         """
         batch = self.tokenize(instructions, images, train)
         qwen = self.model.model  # ViT + text decoder, no lm_head
@@ -161,7 +193,7 @@ def load_vlm(path_or_id: str = QWEN_ID, pixels: int = VLM_PIXELS, dtype: torch.d
     """Qwen2.5-VL from a Qwen folder, a UniWorld-V1 release folder (denoise_tower.* keys skipped) or a hub id."""
     fields, _ = Qwen2_5_VLConfig.get_config_dict(path_or_id, **_source(path_or_id, "Qwen2.5-VL"))
     config = None
-    if fields.get("model_type") == "univa_qwen2p5vl":  # §2.2: unknown to transformers; its fields are Qwen's
+    if fields.get("model_type") == "univa_qwen2p5vl":  # docs/official.md §10.1: unknown to transformers; Qwen's fields
         config = Qwen2_5_VLConfig(**{k: v for k, v in fields.items() if k != "model_type"})
     model = _load(Qwen2_5_VLForConditionalGeneration, path_or_id, config=config, dtype=dtype,
                   ignore=("denoise_tower.",))
@@ -207,7 +239,8 @@ def tiny_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, words: list[str] 
 
 
 class SiglipEncoder(Frozen):
-    """SigLIP vision tower: last_hidden_state (after post-layernorm, no pooling head) of each image (§1.3)."""
+    """SigLIP vision tower: last_hidden_state (after post-layernorm, no pooling head) of each image
+    (docs/official.md §1.3)."""
 
     def __init__(self, model: SiglipVisionModel, image_processor):
         super().__init__()
@@ -274,19 +307,12 @@ class ClipPooled(Frozen):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
-        """-> (B, dim); training always feeds [""] (§1.3)."""
+        """-> (B, dim); training always feeds [""] (docs/official.md §2.5)."""
         if self.model is None:
             return self.zero.expand(len(prompts), -1)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")["input_ids"].to(self.device)
         return self.model(input_ids=ids).pooler_output
-
-    def save_pretrained(self, folder: str):
-        """Write text_encoder/ and tokenizer/ under `folder`, as in the FLUX.1-dev repo."""
-        if self.model is None:
-            raise ValueError("this ClipPooled has no weights (zero pooled vector); there is nothing to save")
-        self.model.save_pretrained(os.path.join(folder, "text_encoder"))
-        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
 
 
 class T5Encoder(Frozen):
@@ -304,11 +330,6 @@ class T5Encoder(Frozen):
                              return_tensors="pt")["input_ids"].to(self.device)
         return self.model(input_ids=ids).last_hidden_state
 
-    def save_pretrained(self, folder: str):
-        """Write text_encoder_2/ and tokenizer_2/ under `folder`, as in the FLUX.1-dev repo."""
-        self.model.save_pretrained(os.path.join(folder, "text_encoder_2"))
-        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer_2"))
-
 
 def load_clip(path_or_id: str = FLUX_ID, dtype: torch.dtype | None = None, subfolders=("text_encoder", "tokenizer")):
     """CLIP-L text encoder of a FLUX folder or hub id (subfolders=("", "") for a plain CLIP folder)."""
@@ -325,37 +346,6 @@ def load_t5(path_or_id: str = FLUX_ID, max_length: int = 512, dtype: torch.dtype
     tokenizer = T5Tokenizer.from_pretrained(path_or_id, subfolder=subfolders[1],
                                             local_files_only=os.path.isdir(path_or_id))
     return T5Encoder(model, tokenizer, max_length)
-
-
-def tiny_clip(seed: int = 0, hidden: int = 32, layers: int = 2, words: list[str] | None = None) -> ClipPooled:
-    """A random CLIP text encoder with a byte-level tokenizer (77 tokens; pooled width = hidden)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _byte_vocab():  # CLIP's BPE marks the end of a word with </w>
-        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    _add_words(tok, words)
-    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = CLIPTextModel(config)
-    return ClipPooled(model, tok)
-
-
-def tiny_t5(seed: int = 0, d_model: int = 32, layers: int = 2, max_length: int = 16,
-            words: list[str] | None = None) -> T5Encoder:
-    """A random T5 v1.1 encoder with a character-level unigram tokenizer: (B, max_length, d_model)."""
-    chars = [chr(c) for c in range(33, 127)]  # printable ASCII; "▁" marks a word start, as in sentencepiece
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    tok = T5Tokenizer(vocab=pieces + [(c, -3.0) for c in chars] + [("▁" + c, -3.5) for c in chars], extra_ids=0)
-    _add_words(tok, words)
-    config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=layers,
-                      num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = T5EncoderModel(config)
-    return T5Encoder(model, tok, max_length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,6 +394,6 @@ def _byte_vocab() -> dict[str, int]:
 
 
 def _add_words(tokenizer, words: list[str] | None):
-    """Whole words as single tokens (a toy world's vocabulary), matched only at word boundaries."""
+    """Whole words as single tokens (a small world's vocabulary), matched only at word boundaries."""
     if words:
         tokenizer.add_tokens([AddedToken(w, single_word=True) for w in words])

@@ -1,6 +1,6 @@
 """FLUX.1 in plain PyTorch: the MMDiT denoiser, its autoencoder, and the official weights in and out.
 
-UniWorld-V1 generates with FLUX.1-dev (Lin et al. 2025, §3.1). This file is the whole of FLUX that UniWorld needs:
+UniWorld-V1 generates with FLUX.1-dev (Lin et al. 2025, paper §3.1). This file is the whole of FLUX that UniWorld needs:
   1. the MMDiT: 19 double-stream blocks (separate img/txt weights, joint attention) then 38 single-stream blocks,
      conditioned by a vector (timestep + guidance + pooled CLIP) through adaLN modulation;
   2. the autoencoder (8x down, 16 latent channels) and the 2x2 "packing" of latents into 64-channel tokens;
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -89,19 +90,16 @@ def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, H, L, D) by the RoPE angles, in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, L, D/2, 2)
-    if torch.compiler.is_compiling():  # inductor has no complex kernels, and fuses this real form into one
-        (x0, x1), (cos, sin) = pairs.unbind(-1), pe.unbind(-1)
-        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    else:  # eager: one complex product, fewer passes over memory
-        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(pe))
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, H, L, D) by the RoPE angles, in fp32 (BFL math.py)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, D/2) each
+    cos, sin = pe.unbind(-1)  # (B, 1, L, D/2) each
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Joint attention with RoPE on q and k; no mask anywhere, as in FLUX. (B, H, L, D) -> (B, L, H*D)."""
-    x = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Joint attention with RoPE on q and k: (B, H, L, D) -> (B, L, H*D). `mask` (B, 1, 1, L) is False on padding
+    keys, so a padded text token changes nothing; FLUX itself never pads and passes None."""
+    x = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask)
     return x.transpose(1, 2).flatten(2)
 
 
@@ -110,12 +108,8 @@ def layer_norm(x: Tensor) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return torch.addcmul(shift, x, 1 + scale)  # (1 + scale) * x + shift, in one kernel
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# MMDiT building blocks
+# MMDiT building blocks (BFL modules/layers.py)
 
 
 class MLPEmbedder(nn.Module):
@@ -168,22 +162,29 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v (B, H, L, D/H), q and k RMS-normed."""
         q, k, v = split_heads(self.qkv(x), self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        return *self.norm(q, k, v), v
+
+
+@dataclass
+class ModulationOut:
+    shift: Tensor  # (B, 1, D)
+    scale: Tensor
+    gate: Tensor
 
 
 class Modulation(nn.Module):
-    """adaLN: vec -> `n` chunks of (shift, scale, gate), each (B, 1, D)."""
+    """adaLN: vec -> one (shift, scale, gate) triple, or two for a double block (attention, then MLP)."""
 
-    def __init__(self, dim: int, n: int):
+    def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.n = n
-        self.lin = nn.Linear(dim, 3 * n * dim)
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim)
 
-    def forward(self, vec: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        out = self.lin(F.silu(vec))[:, None, :].chunk(3 * self.n, dim=-1)
-        return [out[3 * i : 3 * i + 3] for i in range(self.n)]
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.multiplier == 6 else None
 
 
 class DoubleStreamBlock(nn.Module):
@@ -191,24 +192,30 @@ class DoubleStreamBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
         super().__init__()
-        mlp_hidden = int(dim * mlp_ratio)
-        for s in ("img", "txt"):
-            setattr(self, f"{s}_mod", Modulation(dim, 2))
-            setattr(self, f"{s}_attn", SelfAttention(dim, num_heads, qkv_bias))
-            setattr(self, f"{s}_mlp", nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU("tanh"),
-                                                    nn.Linear(mlp_hidden, dim)))
+        hidden = int(dim * mlp_ratio)
+        self.img_mod = Modulation(dim, double=True)
+        self.img_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.img_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.txt_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
-        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
-        attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2), pe)
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor,
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads((1 + img_mod1.scale) * layer_norm(img) + img_mod1.shift)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads((1 + txt_mod1.scale) * layer_norm(txt) + txt_mod1.shift)
+
+        q, k, v = torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2)
+        attn = attention(q, k, v, pe, mask)  # (B, L_txt + L_img, D): text first, as BFL
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))  # img + gate * attn
-        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2)))
-        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2)))
+
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * layer_norm(img) + img_mod2.shift)
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * layer_norm(txt) + txt_mod2.shift)
         return img, txt
 
 
@@ -223,15 +230,15 @@ class SingleStreamBlock(nn.Module):
         self.mlp_in = nn.Linear(dim, mlp_hidden, bias=qkv_bias)  # official linear1[3*dim:]
         self.linear2 = nn.Linear(dim + mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
-        self.modulation = Modulation(dim, 1)
+        self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        (shift, scale, gate), = self.modulation(vec)
-        x_mod = modulate(layer_norm(x), shift, scale)
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+        mod, _ = self.modulation(vec)
+        x_mod = (1 + mod.scale) * layer_norm(x) + mod.shift
         q, k, v = split_heads(self.qkv(x_mod), self.num_heads)
         q, k = self.norm(q, k, v)
         mlp = F.gelu(self.mlp_in(x_mod), approximate="tanh")
-        return torch.addcmul(x, gate, self.linear2(torch.cat((attention(q, k, v, pe), mlp), dim=2)))
+        return x + mod.gate * self.linear2(torch.cat((attention(q, k, v, pe, mask), mlp), dim=2))
 
 
 class LastLayer(nn.Module):
@@ -242,7 +249,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return self.linear((1 + scale) * layer_norm(x) + shift)
 
 
 class Flux(nn.Module):
@@ -265,9 +272,10 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(c.hidden_size, c.out_channels)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, txt_mask: Tensor | None = None) -> Tensor:
         """img (B, L_img, in), txt (B, L_txt, ctx), ids (B, L, 3) or (L, 3), timesteps (B,) in [0, 1], y (B, vec),
-        guidance (B,) the raw scale (dev only). Returns (B, L_img, out)."""
+        guidance (B,) the raw scale (dev only), txt_mask (B, L_txt) False on padding (None: no padding).
+        Returns (B, L_img, out)."""
         B = img.shape[0]
         img_ids, txt_ids = (ids.expand(B, -1, -1) if ids.ndim == 2 else ids for ids in (img_ids, txt_ids))
         vec = self.time_in(timestep_embedding(timesteps).to(img.dtype))
@@ -278,11 +286,14 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
         pe = rope(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.theta)  # once per forward
+        mask = None
+        if txt_mask is not None:  # keys: the text tokens that are not padding, then every image token
+            mask = torch.cat((txt_mask, txt_mask.new_ones(B, img.shape[1])), dim=1)[:, None, None, :]
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+            img, txt = block(img, txt, vec, pe, mask)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = block(x, vec, pe, mask)
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
@@ -419,6 +430,23 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
 
+class PixelUnshuffle(nn.Module):
+    """A weightless autoencoder stand-in: pixels (B, 3, H, W) <-> "latents" (B, 3f², H/f, W/f) by pixel (un)shuffle.
+
+    For models trained in pixel space; a weights folder names it in vae/config.json ("_class_name": "PixelUnshuffle"),
+    so that it loads like FLUX's VAE."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = factor  # pixels per latent pixel, as AutoEncoder.factor
+
+    def encode(self, x: Tensor) -> Tensor:
+        return F.pixel_unshuffle(x, self.factor)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return F.pixel_shuffle(z, self.factor)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Packing latents into tokens, position ids, and the resolution-dependent schedule shift
 
@@ -458,11 +486,13 @@ def resolution_mu(image_seq_len: int, base_len: int = 256, max_len: int = 4096, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Official weights. Every layout is described as a table: our key -> the pieces of official tensors it is made of,
-# each (official key, first row, last row) with rows=None for a whole tensor. Loading reads the pieces straight
-# from the safetensors files (slices included), so a checkpoint is never held twice; export runs the table backwards.
+# Official weights (docs/official.md §10.3-10.4). Every layout is a table: our key -> the pieces of official tensors
+# it is made of, each (official key, (first row, last row)) with None for a whole tensor. Loading reads the pieces
+# straight from the safetensors files (row slices included), so a checkpoint is never held twice; export runs the
+# table backwards.
 
 Pieces = list[tuple[str, tuple[int, int] | None]]
+FORMATS = ("bfl", "diffusers")
 
 
 def _flux_layout(c: FluxConfig, fmt: str) -> dict[str, Pieces]:
@@ -470,14 +500,13 @@ def _flux_layout(c: FluxConfig, fmt: str) -> dict[str, Pieces]:
     table: dict[str, Pieces] = {}
     for key in _meta(Flux, c).state_dict():
         p = key.split(".")
-        if fmt == "bfl":  # identical names, except the single block's linear1 = [qkv; mlp_in]
-            if p[0] == "single_blocks" and p[2] in ("qkv", "mlp_in"):
-                rows = (0, 3 * h) if p[2] == "qkv" else (3 * h, 3 * h + mlp)
-                table[key] = [(f"single_blocks.{p[1]}.linear1.{p[3]}", rows)]
-            else:
-                table[key] = [(key, None)]
-            continue
-        table[key] = _diffusers_flux_pieces(p, h)
+        if fmt == "diffusers":
+            table[key] = _diffusers_flux_pieces(p, h)
+        elif p[0] == "single_blocks" and p[2] in ("qkv", "mlp_in"):  # BFL's linear1 = [qkv; mlp_in]
+            rows = (0, 3 * h) if p[2] == "qkv" else (3 * h, 3 * h + mlp)
+            table[key] = [(f"single_blocks.{p[1]}.linear1.{p[3]}", rows)]
+        else:  # otherwise BFL's names are ours
+            table[key] = [(key, None)]
     return table
 
 
@@ -486,29 +515,25 @@ def _diffusers_flux_pieces(p: list[str], h: int) -> Pieces:
     last = p[-1] if p[-1] != "scale" else "weight"
     top = {"img_in": "x_embedder", "txt_in": "context_embedder", "time_in": "time_text_embed.timestep_embedder",
            "vector_in": "time_text_embed.text_embedder", "guidance_in": "time_text_embed.guidance_embedder"}
-    layer = {"in_layer": "linear_1", "out_layer": "linear_2"}
     if p[0] in ("img_in", "txt_in"):
         return [(f"{top[p[0]]}.{last}", None)]
     if p[0] in ("time_in", "vector_in", "guidance_in"):
-        return [(f"{top[p[0]]}.{layer[p[1]]}.{last}", None)]
-    if p[0] == "final_layer":
-        if p[1] == "linear":
-            return [(f"proj_out.{last}", None)]
-        n = "norm_out.linear." + last  # diffusers chunks (scale, shift): swap the halves
-        return [(n, (h, 2 * h)), (n, (0, h))]
+        return [(f"{top[p[0]]}.{'linear_1' if p[1] == 'in_layer' else 'linear_2'}.{last}", None)]
+    if p[0] == "final_layer":  # diffusers chunks (scale, shift), BFL (shift, scale): the halves swap
+        n = "norm_out.linear." + last
+        return [(f"proj_out.{last}", None)] if p[1] == "linear" else [(n, (h, 2 * h)), (n, (0, h))]
     i, name = p[1], ".".join(p[2:-1])
     if p[0] == "double_blocks":
         b = f"transformer_blocks.{i}."
-        s = "" if name.startswith("img") else "add_"
+        if name.endswith("attn.qkv"):
+            qkv = ("to_q", "to_k", "to_v") if name.startswith("img") else ("add_q_proj", "add_k_proj", "add_v_proj")
+            return [(f"{b}attn.{n}.{last}", None) for n in qkv]
         names = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
                  "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
                  "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
                  "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
                  "img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
                  "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
-        if name.endswith("attn.qkv"):
-            qkv = ("to_q", "to_k", "to_v") if s == "" else ("add_q_proj", "add_k_proj", "add_v_proj")
-            return [(f"{b}attn.{n}.{last}", None) for n in qkv]
         return [(f"{b}{names[name]}.{last}", None)]
     b = f"single_transformer_blocks.{i}."
     if name == "qkv":
@@ -519,24 +544,20 @@ def _diffusers_flux_pieces(p: list[str], h: int) -> Pieces:
 
 
 def _ae_layout(c: AutoEncoderConfig, fmt: str) -> dict[str, Pieces]:
-    """Our (= BFL) autoencoder keys -> diffusers AutoencoderKL keys (convert_ldm_vae_checkpoint, run backwards)."""
-    n = len(c.ch_mult)
+    """Our (= BFL's) autoencoder keys -> diffusers' AutoencoderKL keys (convert_ldm_vae_checkpoint, run backwards)."""
     table = {}
     for key in _meta(AutoEncoder, c).state_dict():
         p = key.split(".")
         if fmt == "bfl":
-            table[key] = [(key, None)]
-            continue
-        if p[1] == "mid":  # encoder.mid.block_1.norm1.weight -> encoder.mid_block.resnets.0.norm1.weight
+            name = ".".join(p[:-1])
+        elif p[1] == "mid":  # encoder.mid.block_1.norm1.weight -> encoder.mid_block.resnets.0.norm1.weight
             sub = {"block_1": "resnets.0", "block_2": "resnets.1", "attn_1": "attentions.0"}[p[2]]
             rest = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}.get(p[3], p[3])
             name = f"{p[0]}.mid_block.{sub}.{rest}"
         elif p[1] in ("down", "up"):  # the decoder's up levels are numbered the other way round in diffusers
-            i = int(p[2]) if p[1] == "down" else n - 1 - int(p[2])
-            if p[3] in ("downsample", "upsample"):
-                name = f"{p[0]}.{p[1]}_blocks.{i}.{p[3]}rs.0.conv"
-            else:
-                name = f"{p[0]}.{p[1]}_blocks.{i}.resnets.{p[4]}.{p[5].replace('nin_shortcut', 'conv_shortcut')}"
+            i = int(p[2]) if p[1] == "down" else len(c.ch_mult) - 1 - int(p[2])
+            name = f"{p[0]}.{p[1]}_blocks.{i}." + (f"{p[3]}rs.0.conv" if p[3] in ("downsample", "upsample") else
+                                                   f"resnets.{p[4]}.{p[5].replace('nin_shortcut', 'conv_shortcut')}")
         else:
             name = f"{p[0]}.{p[1].replace('norm_out', 'conv_norm_out')}"
         table[key] = [(f"{name}.{p[-1]}", None)]
@@ -548,95 +569,75 @@ def _meta(cls, config) -> nn.Module:
         return cls(config)
 
 
-class Safetensors:
-    """The tensors of safetensors files (one, or the shards of a model), by name, under an optional key prefix.
+class Checkpoint:
+    """The tensors of a checkpoint's safetensors files (one file, or a model's shards) under a key prefix.
 
-    Each tensor (or block of rows) is read with one plain file read into its own buffer: no mmap, so the memory
-    resident while loading is the model built so far plus the tensor being read, never a second copy."""
+    Read with safetensors.safe_open, each tensor opening its file alone: at most one tensor's pages are mapped at a
+    time, so loading holds the model built so far and the tensor being read, never the checkpoint twice. Opening a
+    file checks its header against its size: a truncated file is an error here, not NaN weights later."""
 
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    PREFIXES = ("", "model.diffusion_model.", "denoise_tower.denoiser.", "first_stage_model.", "vae.")
 
-    def __init__(self, files: list[str], prefix: str = ""):
-        self.entries = {}  # full name -> (file, dtype, shape, byte offset)
+    def __init__(self, path: str, subfolder: str = "", prefix: str = ""):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: pass a .safetensors file or a folder that holds them")
+        folder = os.path.join(path, subfolder) if os.path.isdir(os.path.join(path, subfolder)) else path
+        files = [path] if not os.path.isdir(folder) else sorted(
+            os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in the folder {folder}")
+        self.path, self.folder, self.entries = path, os.path.dirname(files[0]), {}  # name -> (file, dtype, shape)
         for f in files:
-            self.entries.update(self._header(f))
-        self.set_prefix(prefix)
-
-    def set_prefix(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.keys = {k[len(prefix) :] for k in self.entries if k.startswith(prefix)}
-
-    def _header(self, f: str) -> dict:
-        """The safetensors header: 8 bytes of little-endian length, then JSON {name: {dtype, shape, data_offsets}}."""
-        with open(f, "rb") as fh:
             try:
-                n = int.from_bytes(fh.read(8), "little")
-                if not 2 <= n <= 100_000_000:
-                    raise ValueError(f"header length {n}")
-                header = json.loads(fh.read(n))
-                return {k: (f, self.DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0])
-                        for k, v in header.items() if k != "__metadata__"}
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{f} is not a readable safetensors file ({e}); convert .bin/.pt weights first") from e
+                with safe_open(f, "pt") as st:
+                    self.entries.update({k: (f, st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape()))
+                                         for k in st.keys()})
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{f} is not a readable safetensors file ({e}): download it again, or convert "
+                                 f".bin/.pt weights first") from e
+        self.use(prefix)
+
+    def use(self, prefix: str, fmt: str | None = None) -> "Checkpoint":
+        self.prefix, self.format = prefix, fmt
+        self.keys = {k[len(prefix) :] for k in self.entries if k.startswith(prefix)}
+        return self
+
+    def find(self, what: str, markers: dict[str, str]) -> "Checkpoint":
+        """Settle the layout of `what` (format -> a key only it has), under any of the official prefixes."""
+        for p, fmt in ((p, fmt) for p in self.PREFIXES for fmt in markers):
+            if p + markers[fmt] in self.entries:
+                return self.use(p, fmt)
+        raise ValueError(f"{self.path}: no {what} weights found in BFL or diffusers layout (looked for "
+                         f"{sorted(markers.values())}, optionally under {self.PREFIXES[1:]})")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[self.prefix + key][2]
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
-        """The tensor, or its rows [a, b): rows are contiguous on disk, so either is a single read."""
-        f, dtype, shape, offset = self.entries[self.prefix + key]
-        a, b = rows or (0, shape[0] if shape else 1)
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        buf = torch.empty((b - a) * row_bytes, dtype=torch.uint8)
-        with open(f, "rb") as fh:
-            fh.seek(offset + a * row_bytes)
-            fh.readinto(buf.numpy())
-        return buf.view(dtype).reshape((b - a, *shape[1:]) if shape else ())
+        """The tensor, or its rows [a, b) (get_slice reads only those); never NaN, never a non-float."""
+        f, dtype, _ = self.entries[self.prefix + key]
+        if not dtype.startswith(("F", "BF")):  # F64, F32, F16, BF16, F8_*
+            raise ValueError(f"{f}: {self.prefix + key} is stored as {dtype}, not a floating-point type; this file "
+                             f"was not written as model weights")
+        with safe_open(f, "pt") as st:
+            t = st.get_slice(self.prefix + key)
+            t = (t[rows[0] : rows[1]] if rows else t[:]).clone()  # a fresh tensor: aligned as kernels expect
+        if not torch.isfinite(t).all():  # one reduction per tensor: never sample or train on NaN weights
+            raise ValueError(f"{f}: {self.prefix + key} holds NaN or infinite values; the file is damaged")
+        return t
+
+    def config(self) -> dict:
+        """The diffusers config beside the weights (transformer/config.json, vae/config.json, or a release's
+        denoiser_config): what shapes cannot tell (RoPE axes and theta, the autoencoder's normalisation)."""
+        for f in (os.path.join(self.folder, "config.json"), os.path.join(os.path.dirname(self.folder), "config.json")):
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    c = json.load(fh)
+                return c["denoise_tower"].get("denoiser_config", {}) if "denoise_tower" in c else c
+        return {}
 
 
-def safetensors_files(path: str, subfolder: str = "") -> list[str]:
-    """The .safetensors files of a file path, or of a folder (its `subfolder`, e.g. transformer/, if it has one)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: pass a .safetensors file or a folder that holds them")
-    if not os.path.isdir(path):
-        return [path]
-    if subfolder and os.path.isdir(os.path.join(path, subfolder)):
-        path = os.path.join(path, subfolder)
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in the folder {path}")
-    return files
-
-
-class _Checkpoint(Safetensors):
-    """A FLUX transformer or autoencoder in any official layout: finds the key prefix and the format (BFL/diffusers)."""
-
-    MARKERS = {"flux": {"bfl": "img_in.weight", "diffusers": "x_embedder.weight"},
-               "ae": {"bfl": "decoder.up.0.block.0.conv1.weight",
-                      "diffusers": "decoder.up_blocks.0.resnets.0.conv1.weight"}}
-    PREFIXES = ("", "model.diffusion_model.", "denoise_tower.denoiser.", "first_stage_model.", "vae.")
-
-    def __init__(self, path: str, kind: str):
-        files = safetensors_files(path, "transformer" if kind == "flux" else "vae")
-        super().__init__(files)
-        found = [(p, fmt) for p in self.PREFIXES for fmt, m in self.MARKERS[kind].items() if p + m in self.entries]
-        if not found:
-            what = "FLUX transformer" if kind == "flux" else "FLUX autoencoder"
-            raise ValueError(f"{path}: no {what} weights found in BFL or diffusers layout (looked for "
-                             f"{sorted(self.MARKERS[kind].values())}, optionally under {self.PREFIXES[1:]})")
-        self.set_prefix(found[0][0])
-        self.format = found[0][1]
-        self.folder = os.path.dirname(files[0])
-
-    def folder_config(self) -> dict:
-        """The diffusers config.json beside the weights, if any: what shapes cannot tell (RoPE axes, groups)."""
-        f = os.path.join(self.folder, "config.json")
-        return json.load(open(f)) if os.path.isfile(f) else {}
-
-
-def _infer_flux_config(ck: _Checkpoint) -> FluxConfig:
+def _infer_flux_config(ck: Checkpoint) -> FluxConfig:
     """FLUX architecture from the tensor shapes alone: dev, schnell, Flex.1 (8 double blocks), tiny test files."""
     name = lambda bfl, dif: dif if ck.format == "diffusers" else bfl
     shape = lambda bfl, dif: ck.shape(name(bfl, dif))
@@ -652,50 +653,42 @@ def _infer_flux_config(ck: _Checkpoint) -> FluxConfig:
         mlp = shape("single_blocks.0.linear1.weight", "single_transformer_blocks.0.proj_mlp.weight")[0]
         mlp -= 3 * hidden if ck.format == "bfl" else 0  # linear1 = [qkv; mlp_in]
         bias = name("single_blocks.0.linear1.bias", "single_transformer_blocks.0.attn.to_q.bias")
-    axes = ck.folder_config().get("axes_dims_rope")
-    if axes is None:
-        axes = (16, 56, 56) if head_dim == 128 else (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16)
+    extra = ck.config()
+    axes = extra.get("axes_dims_rope") or ((16, 56, 56) if head_dim == 128 else
+                                           (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16))
     return FluxConfig(
         in_channels=in_channels, out_channels=shape("final_layer.linear.weight", "proj_out.weight")[0],
         vec_in_dim=shape("vector_in.in_layer.weight", "time_text_embed.text_embedder.linear_1.weight")[1],
         context_in_dim=shape("txt_in.weight", "context_embedder.weight")[1], hidden_size=hidden,
         mlp_ratio=mlp / hidden, num_heads=hidden // head_dim, depth=depth, depth_single_blocks=single,
-        axes_dim=tuple(axes), qkv_bias=bias in ck.keys,
+        axes_dim=tuple(axes), theta=extra.get("rope_theta", 10_000), qkv_bias=bias in ck.keys,
         guidance_embed=name("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
         in ck.keys)
 
 
-def _infer_ae_config(ck: _Checkpoint) -> AutoEncoderConfig:
-    """Autoencoder architecture from the shapes; scale, shift and groups from a diffusers config.json if present."""
-    d = ck.format == "diffusers"
-    level = lambda i: f"encoder.down_blocks.{i}.resnets" if d else f"encoder.down.{i}.block"
-    ch = ck.shape("encoder.conv_in.weight")[0]
-    n = len({k.split(".")[2] for k in ck.keys if k.startswith("encoder.down_blocks." if d else "encoder.down.")})
-    extra = ck.folder_config()
-    return AutoEncoderConfig(
-        in_channels=ck.shape("encoder.conv_in.weight")[1], ch=ch, out_ch=ck.shape("decoder.conv_out.weight")[0],
-        ch_mult=tuple(ck.shape(f"{level(i)}.0.conv1.weight")[0] // ch for i in range(n)),
-        num_res_blocks=len({k.split(".")[4] for k in ck.keys if k.startswith(level(0) + ".")}),
-        z_channels=ck.shape("decoder.conv_in.weight")[1],
-        scale_factor=extra.get("scaling_factor", 0.3611), shift_factor=extra.get("shift_factor", 0.1159),
-        norm_groups=extra.get("norm_num_groups", 32))
+def _infer_ae_config(ck: Checkpoint) -> AutoEncoderConfig:
+    """The diffusers config.json beside the weights, else FLUX's autoencoder (BFL's ae.safetensors is only ever it)."""
+    c = ck.config()
+    if not c:
+        return AutoEncoderConfig()
+    ch = c["block_out_channels"]
+    return AutoEncoderConfig(c["in_channels"], ch[0], c["out_channels"], tuple(x // ch[0] for x in ch),
+                             c["layers_per_block"], c["latent_channels"], c.get("scaling_factor", 0.3611),
+                             c.get("shift_factor", 0.1159), c.get("norm_num_groups", 32))
 
 
-def _load(cls, ck: _Checkpoint, config, layout, dtype, device) -> nn.Module:
+def _load(cls, ck: Checkpoint, config, layout, dtype, device) -> nn.Module:
+    """Build on meta, check every key and shape of the file against the layout table, then read tensor by tensor."""
     model = _meta(cls, config)
     table = layout(config, ck.format)
     used = {src for pieces in table.values() for src, _ in pieces}
-    missing = sorted(used - ck.keys)
-    unexpected = sorted(ck.keys - used)
-    wrong = []
+    missing, unexpected, wrong = sorted(used - ck.keys), sorted(ck.keys - used), []
     for key, t in model.state_dict().items():
         pieces = [p for p in table[key] if p[0] in ck.keys]
-        if len(pieces) < len(table[key]):
-            continue
-        rows = sum((r[1] - r[0]) if r else ck.shape(s)[0] for s, r in pieces)
-        got = (rows, *ck.shape(pieces[0][0])[1:])
-        if math.prod(got) != t.numel() or got[0] != t.shape[0]:  # 1x1 convs may be stored as linears: numel decides
-            wrong.append(f"{pieces[0][0]}: {list(got)} in the file, {list(t.shape)} expected")
+        if len(pieces) == len(table[key]):
+            got = (sum((r[1] - r[0]) if r else ck.shape(s)[0] for s, r in pieces), *ck.shape(pieces[0][0])[1:])
+            if math.prod(got) != t.numel() or got[0] != t.shape[0]:  # 1x1 convs may be stored as linears
+                wrong.append(f"{pieces[0][0]}: {list(got)} in the file, {list(t.shape)} expected")
     if missing or unexpected or wrong:
         show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
         raise ValueError(f"weights do not match {cls.__name__}({config}):" + "".join(
@@ -704,8 +697,7 @@ def _load(cls, ck: _Checkpoint, config, layout, dtype, device) -> nn.Module:
             + "\n  (pass config=None to infer the architecture from the file)")
     state = {}
     for key, t in model.state_dict().items():
-        parts = [ck.read(src, rows) for src, rows in table[key]]
-        w = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(t.shape)
+        w = torch.cat([ck.read(src, rows) for src, rows in table[key]]).reshape(t.shape)
         state[key] = w.to(device=device or "cpu", dtype=dtype or w.dtype)
     model.load_state_dict(state, assign=True)
     return model.eval()
@@ -713,13 +705,23 @@ def _load(cls, ck: _Checkpoint, config, layout, dtype, device) -> nn.Module:
 
 def load_flux(path: str, config: FluxConfig | None = None, dtype=None, device=None) -> Flux:
     """A Flux from a BFL file (flux1-dev.safetensors), a diffusers folder, or the UniWorld-V1 release folder."""
-    ck = _Checkpoint(path, "flux")
+    ck = Checkpoint(path, "transformer").find("FLUX transformer", {"bfl": "img_in.weight",
+                                                                   "diffusers": "x_embedder.weight"})
     return _load(Flux, ck, config or _infer_flux_config(ck), _flux_layout, dtype, device)
 
 
-def load_autoencoder(path: str, config: AutoEncoderConfig | None = None, dtype=None, device=None) -> AutoEncoder:
-    """An AutoEncoder from BFL's ae.safetensors or a diffusers `vae/` folder (or a FLUX pipeline folder)."""
-    ck = _Checkpoint(path, "ae")
+def load_autoencoder(path: str, config: AutoEncoderConfig | None = None, dtype=None,
+                     device=None) -> AutoEncoder | PixelUnshuffle:
+    """An AutoEncoder from BFL's ae.safetensors or a diffusers `vae/` folder (or a folder holding one); a vae/ whose
+    config.json names "PixelUnshuffle" gives that weightless stand-in."""
+    config_json = os.path.join(path, "vae", "config.json")
+    if os.path.isfile(config_json):
+        with open(config_json) as f:
+            c = json.load(f)
+        if c.get("_class_name") == "PixelUnshuffle":
+            return PixelUnshuffle(c["factor"])
+    ck = Checkpoint(path, "vae").find("FLUX autoencoder", {"bfl": "decoder.up.0.block.0.conv1.weight",
+                                                           "diffusers": "decoder.up_blocks.0.resnets.0.conv1.weight"})
     return _load(AutoEncoder, ck, config or _infer_ae_config(ck), _ae_layout, dtype, device)
 
 
@@ -727,13 +729,12 @@ def to_official(state: dict[str, Tensor], table: dict[str, Pieces]) -> dict[str,
     """Our state dict -> an official one, by running a layout table backwards (works on meta tensors too)."""
     out, parts = {}, {}
     for key, pieces in table.items():
-        t = state[key]
         if all(rows is None for _, rows in pieces):
-            out.update({src: chunk for (src, _), chunk in zip(pieces, t.chunk(len(pieces)), strict=True)})
+            out.update({src: chunk for (src, _), chunk in zip(pieces, state[key].chunk(len(pieces)), strict=True)})
             continue
         offset = 0
         for src, (a, b) in pieces:
-            parts.setdefault(src, []).append((a, t[offset : offset + b - a]))
+            parts.setdefault(src, []).append((a, state[key][offset : offset + b - a]))
             offset += b - a
     out.update({src: torch.cat([t for _, t in sorted(ps, key=lambda p: p[0])]) for src, ps in parts.items()})
     return out
@@ -741,28 +742,24 @@ def to_official(state: dict[str, Tensor], table: dict[str, Pieces]) -> dict[str,
 
 def flux_state_dict(model: Flux, fmt: str = "bfl") -> dict[str, Tensor]:
     """The model's weights under the official BFL or diffusers names."""
-    return to_official(model.state_dict(), _flux_layout(model.config, _check_format(fmt)))
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}: use 'bfl' or 'diffusers'")
+    return to_official(model.state_dict(), _flux_layout(model.config, fmt))
 
 
 def autoencoder_state_dict(model: AutoEncoder, fmt: str = "bfl") -> dict[str, Tensor]:
-    out = to_official(model.state_dict(), _ae_layout(model.config, _check_format(fmt)))
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}: use 'bfl' or 'diffusers'")
+    out = to_official(model.state_dict(), _ae_layout(model.config, fmt))
     if fmt == "diffusers":  # diffusers' mid-block attention uses Linear layers where BFL has 1x1 convs
         out = {k: t.flatten(1) if ".attentions." in k and t.ndim == 4 else t for k, t in out.items()}
     return out
 
 
-def _check_format(fmt: str) -> str:
-    if fmt not in ("bfl", "diffusers"):
-        raise ValueError(f"unknown weight format {fmt!r}: use 'bfl' or 'diffusers'")
-    return fmt
-
-
 def save_flux(model: Flux, path: str, fmt: str = "bfl") -> None:
     """Write a BFL single file (path = *.safetensors) or a diffusers `transformer/` folder (path = folder)."""
     sd = {k: t.contiguous() for k, t in flux_state_dict(model, fmt).items()}
-    if fmt == "bfl":
-        return save_file(sd, path)
-    _save_folder(path, sd, diffusers_config(model.config))
+    return save_file(sd, path) if fmt == "bfl" else _save_folder(path, sd, diffusers_config(model.config))
 
 
 def diffusers_config(c: FluxConfig) -> dict:
@@ -773,11 +770,15 @@ def diffusers_config(c: FluxConfig) -> dict:
             "out_channels": c.out_channels, "num_layers": c.depth, "num_single_layers": c.depth_single_blocks,
             "attention_head_dim": c.hidden_size // c.num_heads, "num_attention_heads": c.num_heads,
             "joint_attention_dim": c.context_in_dim, "pooled_projection_dim": c.vec_in_dim,
-            "guidance_embeds": c.guidance_embed, "axes_dims_rope": list(c.axes_dim)}
+            "guidance_embeds": c.guidance_embed, "axes_dims_rope": list(c.axes_dim),
+            **({"rope_theta": c.theta} if c.theta != 10_000 else {})}  # not a diffusers field: FLUX.1's is 10,000
 
 
-def save_autoencoder(model: AutoEncoder, path: str, fmt: str = "bfl") -> None:
-    """Write BFL's ae.safetensors layout (path = file) or a diffusers `vae/` folder (path = folder)."""
+def save_autoencoder(model: AutoEncoder | PixelUnshuffle, path: str, fmt: str = "bfl") -> None:
+    """Write BFL's ae.safetensors layout (path = file) or a diffusers `vae/` folder (path = folder); a PixelUnshuffle
+    is a folder with its config.json alone."""
+    if isinstance(model, PixelUnshuffle):
+        return _save_folder(path, {}, {"_class_name": "PixelUnshuffle", "factor": model.factor})
     sd = {k: t.contiguous() for k, t in autoencoder_state_dict(model, fmt).items()}
     if fmt == "bfl":
         return save_file(sd, path)
@@ -792,8 +793,9 @@ def save_autoencoder(model: AutoEncoder, path: str, fmt: str = "bfl") -> None:
 
 
 def _save_folder(folder: str, sd: dict[str, Tensor], config: dict) -> None:
-    """A diffusers model folder: diffusion_pytorch_model.safetensors and config.json."""
+    """A diffusers model folder: diffusion_pytorch_model.safetensors (if any weights) and config.json."""
     os.makedirs(folder, exist_ok=True)
-    save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    if sd:
+        save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -1,7 +1,7 @@
 """Adaptive edit-region loss weighting (UniWorld-V1 paper §3.5; official univa/utils/get_mask.py).
 
 An edit changes only part of the image, so a plain per-pixel MSE is dominated by the unchanged background and small
-edits are learned slowly. §3.5 finds the edited region from the pixel difference between reference and target and
+edits are learned slowly. Paper §3.5 finds the edited region from the pixel difference between reference and target and
 multiplies the flow-matching loss by w(x) inside it, where x = A_total / A_edit grows as the edit shrinks. The official
 trainer computes the weight map per sample in the CPU data loader, from the reference image(s) and the target at the
 same size:
@@ -148,7 +148,7 @@ def edit_mask(references: list[Image.Image], target: Image.Image) -> np.ndarray:
 def _to_latent_grid(m: np.ndarray, factor: int = VAE_FACTOR) -> np.ndarray:
     """Step 6: (H, W) -> (H // f, W // f): max-pool with kernel = stride = f (floor, like F.max_pool2d), close again.
 
-    f = `factor`, the autoencoder's downsampling: 8 for FLUX's VAE (official), 2 for the toy world's pixel AE."""
+    f = `factor`, the autoencoder's downsampling: 8 for FLUX's VAE (official), 2 for a pixel-space stand-in."""
     h, w = m.shape[0] // factor, m.shape[1] // factor
     rows = m[: h * factor, : w * factor].reshape(h, factor, w * factor).any(axis=1)
     return _close(rows.reshape(h, w, factor).any(axis=2))
@@ -158,7 +158,7 @@ def loss_weights(
     references: list[Image.Image], target: Image.Image, kind: str = "log", need_weight: bool = True,
     factor: int = VAE_FACTOR,
 ) -> torch.Tensor:
-    """§3.5 loss weights per latent pixel, (1, H // factor, W // factor) float32: w(A_total / A_edit) on the edit.
+    """Paper §3.5 loss weights per latent pixel, (1, H // factor, W // factor) float32: w(A_total / A_edit) on the edit.
 
     `references` is empty for text-to-image; `need_weight` is the per-dataset switch (3rd column of data.txt); kind
     "none" keeps every weight at 1. Raises EditTooSmall when the edit covers under 0.1% of the image.

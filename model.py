@@ -1,4 +1,4 @@
-"""UniWorld-V1 (Lin et al. 2025, §3): a frozen VLM and a frozen SigLIP condition FLUX through two MLP connectors.
+"""UniWorld-V1 (Lin et al. 2025, paper §3.1): a frozen VLM and a frozen SigLIP condition FLUX through two connectors.
 
     instruction + reference image(s) --> Qwen2.5-VL (frozen) --> last hidden state of every token (L, 3584)
                                                                    | denoise_projector: 3584 -> 12288 -> SiLU -> 4096
@@ -8,10 +8,10 @@
     FLUX text stream = [VLM tokens with SigLIP blocks] (+ T5 at inference), ids all zero; pooled = CLIP
     FLUX image stream = packed noisy VAE latents of the target only: no reference latents (the paper's point)
 
-Training is rectified flow on the target's latents, weighted per latent pixel by the edit mask (§3.5, masks.py).
+Training is rectified flow on the target's latents, weighted per latent pixel by the edit mask (paper §3.5, masks.py).
 Stage 1 trains the denoise_projector alone; stage 2 adds the siglip_projector and FLUX's image-branch attention
-and modulation in all 57 blocks (§3.2, §3.3). Stage 0 exists only for the toy world: it trains the whole
-denoiser from scratch, standing in for FLUX.1's own pretraining.
+and modulation in all 57 blocks (paper §3.2). Stage 0 is not the paper's: it trains the whole denoiser from scratch,
+standing in for FLUX.1's own pretraining in small experiments.
 """
 
 import json
@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -61,11 +62,30 @@ class Encoders:
         return out
 
     @torch.no_grad()
+    def encode(self, batch: dict, device) -> dict:
+        """A data.py batch + 'features' (VLM hidden states and SigLIP tokens) and 'latents' (the autoencoder's, fp32
+        as official), everything moved to `device`. A batch from the encoder cache already has both."""
+        if "features" not in batch:
+            batch = {**batch, "features": self.features(batch["instruction"], batch["references"]),
+                     "latents": self.ae.encode(batch["pixels"].to(self.vlm.device)).float()}
+        return to(batch, device)
+
+    @torch.no_grad()
     def pooled(self, prompts: list[str], dim: int = 768) -> Tensor:
-        """The pooled vector y: CLIP-L of the prompt ("" in training, §1.3), or zeros (B, dim) without CLIP weights."""
+        """The pooled vector y: CLIP-L of the prompt ("" in training, docs/official.md §2.5), or zeros (B, dim)
+        without CLIP weights."""
         if self.clip is None:
             self.clip = ClipPooled(dim=dim)  # warns once that the pooled vector is zeros
         return self.clip(prompts)
+
+
+def to(x, device):
+    """Tensors in nested dicts and lists -> device; anything else as it is."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to(v, device) for k, v in x.items()}
+    return [to(v, device) for v in x] if isinstance(x, list) else x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,57 +107,65 @@ class UniWorld(nn.Module):
         self.denoise_projector = connector(vlm_dim, ctx)
         self.siglip_projector = connector(siglip_dim, ctx)
 
-    def text_stream(self, features: list[dict], t5: Tensor | None = None) -> Tensor:
-        """Per-sample features -> FLUX text tokens (B, L, ctx), left-padded with zeros (§1.3).
+    def text_stream(self, features: list[dict], t5: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Per-sample features -> FLUX text tokens (B, L, ctx) and their padding mask (B, L), False on padding
+        (None when no sample is padded). Paper §3.1, official `_insert_img_to_vlm` (docs/official.md §2.3).
 
-        Sample layout: ... <|vision_start|> [Qwen image tokens] [SigLIP tokens of that image] <|vision_end|> ...
-        Optional T5 tokens (B, L_t5, ctx) are appended at inference; text ids are zero, so order does not matter.
-        Each connector runs once over the whole batch's tokens, and one gather lays them out: a per-sample loop
-        of small kernels would bound a GPU step at toy sizes."""
-        vlm = self.denoise_projector(torch.cat([f["vlm"] for f in features]))  # (sum L, ctx)
-        sigs = [f["siglip"] for f in features if f.get("siglip") is not None]  # each (n_img, T, siglip_dim)
-        sig = self.siglip_projector(torch.cat(sigs)).flatten(0, 1) if sigs else vlm[:0]  # (sum n_img*T, ctx)
-        table = [vlm.new_zeros(1, vlm.shape[1]), vlm, sig]  # row 0: the padding
-        if t5 is not None:
-            table.append(t5.flatten(0, 1).to(vlm.dtype))  # (B * L_t5, ctx)
-        rows, v, s, t = [], 1, 1 + len(vlm), 1 + len(vlm) + len(sig)  # next unused row of each part
-        for f in features:
-            order, start = [], 0  # this sample's table rows, in stream order
+        A sample's stream is its projected VLM tokens with each reference image's projected SigLIP block inserted
+        right before that image's <|vision_end|>:
+            ... <|vision_start|> [Qwen image tokens] [SigLIP tokens of that image] <|vision_end|> ...
+        then, at inference, the T5 tokens of the prompt (t5: (B, L_t5, ctx)). Text ids are all zero, so FLUX sees
+        the text tokens as a set: the order matters to nobody but a reader. Streams are left-padded with zeros to
+        the longest; the mask makes FLUX ignore the padding, so a sample's output does not depend on its batch."""
+        # each connector runs once over the whole batch's tokens, then the streams are laid out per sample
+        vlm = self.denoise_projector(torch.cat([f["vlm"] for f in features])).split([len(f["vlm"]) for f in features])
+        refs = [f["siglip"] for f in features if f.get("siglip") is not None]  # each (n_img, T, siglip_dim)
+        siglip = iter(self.siglip_projector(torch.cat(refs)) if refs else [])  # one (T, ctx) block per image
+        streams = []
+        for i, f in enumerate(features):
+            pieces, start = [], 0
             if f.get("siglip") is not None:
-                T = f["siglip"].shape[1]
-                for end in f["vision_end"].tolist():  # each image's SigLIP block before its <|vision_end|>
-                    order += [*range(v + start, v + end), *range(s, s + T)]
-                    start, s = end, s + T
-            order += range(v + start, v + len(f["vlm"]))
-            v += len(f["vlm"])
+                for end in f["vision_end"].tolist():  # ... Qwen image tokens, SigLIP block, <|vision_end|> ...
+                    pieces += [vlm[i][start:end], next(siglip)]
+                    start = end
+            pieces.append(vlm[i][start:])
             if t5 is not None:
-                order += range(t, t + t5.shape[1])
-                t += t5.shape[1]
-            rows.append(order)
-        length = max(map(len, rows))
-        index = torch.tensor([[0] * (length - len(r)) + r for r in rows], device=vlm.device)  # official: pad left
-        return torch.cat(table)[index]  # (B, length, ctx)
+                pieces.append(t5[i].to(vlm[i].dtype))
+            streams.append(torch.cat(pieces))  # (L_i, ctx)
+        length = max(len(s) for s in streams)
+        txt = torch.stack([F.pad(s, (0, 0, length - len(s), 0)) for s in streams])  # (B, L, ctx), official: pad left
+        if all(len(s) == length for s in streams):
+            return txt, None
+        mask = torch.stack([torch.arange(length, device=txt.device) >= length - len(s) for s in streams])
+        return txt, mask  # (B, L)
 
-    def velocity(self, x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: float) -> Tensor:
+    def velocity(self, x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: float,
+                 txt_mask: Tensor | None = None) -> Tensor:
         """FLUX's velocity prediction for latents x (B, C, h, w) at noise level sigma (B,) -> (B, C, h, w)."""
         B, _, h, w = x.shape
         g = torch.full((B,), guidance, device=x.device, dtype=x.dtype)
         v = self.denoiser(flux.pack(x), flux.image_ids(h, w, device=x.device), txt,
-                          flux.text_ids(txt.shape[1], device=x.device), sigma.to(x.dtype), y, g)
+                          flux.text_ids(txt.shape[1], device=x.device), sigma.to(x.dtype), y, g, txt_mask)
         return flux.unpack(v, h, w)
 
-    def loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
-        """Rectified flow on the target latents, weighted per latent pixel (§3.1, §3.5).
+    def loss(self, batch: dict, generator: torch.Generator | None = None, sigma: Tensor | None = None,
+             noise: Tensor | None = None, mu: float | None = None) -> Tensor:
+        """Rectified flow on the target latents, weighted per latent pixel (paper §3.1, §3.5; docs/official.md §4).
 
         batch: `latents` (B, C, h, w), `features` (list of B dicts), `pooled` (B, vec), and optionally
-        `weights` (B, 1, h, w) from masks.py and `valid` (B, 1, h, w), 0 on padded latent pixels."""
+        `weights` (B, 1, h, w) from masks.py and `valid` (B, 1, h, w), 0 on padded latent pixels. The noise levels
+        sigma (B,) and the noise (B, C, h, w) are drawn from `generator` unless given (e.g. a fixed validation set);
+        `mu` overrides the resolution rule's shift of sigma."""
         x0 = batch["latents"]
         B, _, h, w = x0.shape
-        sigma = sample_sigmas(B, h * w // 4, generator, x0.device)  # (B,)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if sigma is None:
+            sigma = sample_sigmas(B, h * w // 4, generator, x0.device, mu)  # (B,)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         s = sigma.view(B, 1, 1, 1).to(x0.dtype)
         x_t = (1 - s) * x0 + s * noise
-        pred = self.velocity(x_t, sigma, self.text_stream(batch["features"]), batch["pooled"], guidance=1.0)
+        txt, txt_mask = self.text_stream(batch["features"])
+        pred = self.velocity(x_t, sigma, txt, batch["pooled"], guidance=1.0, txt_mask=txt_mask)
         loss = weighted_mse(pred, noise - x0, batch.get("weights"), batch.get("valid"))
         first = self.siglip_projector[0]
         if first.weight.requires_grad and all(f.get("siglip") is None for f in batch["features"]):
@@ -147,10 +175,11 @@ class UniWorld(nn.Module):
         return loss
 
 
-def sample_sigmas(batch: int, image_seq_len: int, generator=None, device=None) -> Tensor:
-    """sigma = sigmoid(N(0, 1)) (logit-normal), then FLUX's resolution shift with mu from the token count (§3.1)."""
+def sample_sigmas(batch: int, image_seq_len: int, generator=None, device=None, mu: float | None = None) -> Tensor:
+    """sigma = sigmoid(N(0, 1)) (logit-normal), then FLUX's resolution shift with mu from the image token count
+    (docs/official.md §4.2)."""
     sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
-    return flux.time_shift(flux.resolution_mu(image_seq_len), sigma)
+    return flux.time_shift(flux.resolution_mu(image_seq_len) if mu is None else mu, sigma)
 
 
 def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
@@ -163,10 +192,10 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor | None = None, va
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training stages: which parameters learn (§3.2, §3.3)
+# Training stages: which parameters learn (paper §3.2; docs/official.md §4.4, §4.5)
 
 STAGES = {
-    0: r"denoiser\.|denoise_projector\.|siglip_projector\.",  # toy only: FLUX's pretraining, from scratch
+    0: r"denoiser\.|denoise_projector\.|siglip_projector\.",  # not the paper's: FLUX's pretraining, from scratch
     1: r"denoise_projector\.",
     2: r"denoise_projector\.|siglip_projector\.|denoiser\.double_blocks\.\d+\.img_(attn|mod)\."
        r"|denoiser\.single_blocks\.\d+\.(qkv|norm|modulation)\.",  # image branch: attention + modulation
@@ -176,7 +205,7 @@ STAGES = {
 def set_stage(model: UniWorld, stage: int) -> list[str]:
     """Make exactly the stage's parameters trainable and freeze the rest; returns the trainable names."""
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage}: use 1 or 2 (0 = toy pretraining of the whole denoiser)")
+        raise ValueError(f"unknown stage {stage}: use 1 or 2 (0 = pretraining the whole denoiser from scratch)")
     names = []
     for name, p in model.named_parameters():
         p.requires_grad_(re.match(STAGES[stage], name) is not None)
@@ -192,9 +221,9 @@ def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True, vlm
                   config: flux.FluxConfig | None = None) -> tuple[UniWorld, VLMEncoder | None]:
     """The release folder (model-*.safetensors + index): denoise_tower.* -> UniWorld; visual/model/lm_head -> VLM.
 
-    Every tensor is read from disk straight into the model built on the meta device (flux.Safetensors)."""
+    Every tensor is read from disk straight into the model built on the meta device (flux.Checkpoint)."""
     denoiser = flux.load_flux(path, config, dtype, device)  # finds the denoise_tower.denoiser. prefix
-    st = flux.Safetensors(flux.safetensors_files(path), prefix="denoise_tower.")
+    st = flux.Checkpoint(path, prefix="denoise_tower.")
     needed = [f"{c}.{i}.{p}" for c in ("denoise_projector", "siglip_projector") for i in (0, 2)
               for p in ("weight", "bias")]
     if missing := [k for k in needed if k not in st.keys]:
@@ -205,28 +234,69 @@ def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True, vlm
     with torch.device("meta"):
         model = UniWorld(denoiser, st.shape("denoise_projector.0.weight")[1], st.shape("siglip_projector.0.weight")[1])
     state = {k: st.read(k).to(device=device or "cpu", dtype=dtype) for k in needed}
-    state.update({f"denoiser.{k}": v for k, v in denoiser.state_dict().items()})
-    model.load_state_dict(state, assign=True, strict=True)
+    load_strict(model, {**state, **{f"denoiser.{k}": v for k, v in denoiser.state_dict().items()}}, path, assign=True)
     return model.eval(), (load_vlm(path, pixels=vlm_pixels, dtype=dtype) if with_vlm else None)
 
 
 def load_siglip_projector(model: UniWorld, path: str) -> None:
-    """Initialise the SigLIP connector from FLUX Redux (redux_up/redux_down) or flux-redux-siglipv2-512.bin (§3.3)."""
+    """Initialise the SigLIP connector from FLUX Redux (redux_up/redux_down) or flux-redux-siglipv2-512.bin
+    (docs/official.md §10.2)."""
     if path.endswith(".safetensors"):
-        st = flux.Safetensors([path])
+        st = flux.Checkpoint(path)
         names = {"0": "redux_up", "2": "redux_down"} if "redux_up.weight" in st.keys else None
         if names is None:
-            st.set_prefix("denoise_tower.siglip_projector.")
+            st = flux.Checkpoint(path, prefix="denoise_tower.siglip_projector.")
             names = {"0": "0", "2": "2"}
         state = {f"{i}.{p}": st.read(f"{n}.{p}") for i, n in names.items() for p in ("weight", "bias")
                  if f"{n}.{p}" in st.keys}
     else:  # the official .bin: a pickle, so only ever opened with weights_only
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError for anything but plain tensors, EOFError for a torn file
+            raise ValueError(f"{path}: not a weights file that loads safely ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]})") from e
         state = {k.removeprefix("module.").removeprefix("denoise_tower.siglip_projector."): v for k, v in raw.items()}
     if sorted(state) != ["0.bias", "0.weight", "2.bias", "2.weight"]:
         raise ValueError(f"{path}: expected redux_up/redux_down or denoise_tower.siglip_projector.{{0,2}} weights, "
                          f"found {sorted(state)[:6]}")
-    model.siglip_projector.load_state_dict(state)
+    load_strict(model.siglip_projector, state, path)
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], path: str, assign: bool = False) -> None:
+    """load_state_dict, with a wrong shape or a non-float tensor reported as one ValueError naming the file."""
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise ValueError(f"{path}: {k} is stored as {v.dtype}, not a floating-point type")
+    try:
+        module.load_state_dict(state, assign=assign, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {' '.join(str(e).split())[:300]}") from e
+
+
+def load_task_head(path: str) -> nn.Sequential:
+    """The official task router (task_head_final.pt, docs/official.md §1.5): Linear(3584, 10240) -> SiLU ->
+    Dropout(0.3) -> Linear(10240, 2), keys 0.* and 3.*; a pickle, so opened with weights_only."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        (hidden, dim), (out, _) = state["0.weight"].shape, state["3.weight"].shape
+    except Exception as e:  # a refused pickle, a torn file, other keys
+        raise ValueError(f"{path}: not a task head (expected the tensors 0.weight, 0.bias, 3.weight, 3.bias of "
+                         f"task_head_final.pt): {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    head = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Dropout(0.3), nn.Linear(hidden, out))
+    load_strict(head, state, path)
+    return head.eval()
+
+
+@torch.no_grad()
+def wants_image(head: nn.Sequential, vlm: VLMEncoder, prompt: str, images: list) -> bool:
+    """The official routing: the head on Qwen's last hidden state at the inference prompt's last "assistant" token;
+    logit 0 < logit 1 means generate an image, otherwise answer in text (app.py, univa/serve/cli.py)."""
+    hidden, _, ids = vlm([prompt], [images], train=False)  # (1, L, D)
+    where = (ids[0] == vlm.assistant_id).nonzero()
+    if len(where) == 0:
+        raise ValueError("the VLM's tokenizer has no 'assistant' token: this task head cannot route its prompts")
+    logits = head(hidden[0, where[-1, 0]].to(head[0].weight))
+    return bool(logits[0] < logits[1])
 
 
 def release_state_dict(model: UniWorld, vlm: VLMEncoder | None = None) -> dict[str, Tensor]:

@@ -1,39 +1,15 @@
 """The toy world: UniWorld-V1's whole method on 32x32 images of flat shapes, trained on a CPU (python toy.py --help).
 
-Same code path as at full scale: train.py (--model toy) with the frozen (tiny) Qwen2.5-VL and SigLIP feeding model.py's
-two connectors into the FLUX text stream (text ids zero), the §3.5 edit-mask weighting, sample.py's sampler. The
-reference enters only through the two encoders, never as pixels or latents in the image stream (except in ablation 2).
+The same code as at full scale, used as a client: train.py trains the toy preset (train.main(argv, PRESETS)) with a
+frozen tiny Qwen2.5-VL and SigLIP feeding model.py's two connectors into the FLUX text stream (text ids zero), the
+paper §3.5 edit-mask weighting and the sharded EMA; sample.py samples the exported weights folder like any release.
+The reference enters only through the two encoders. Stage 0 (the toy's stand-in for FLUX.1's pretraining) trains the
+whole denoiser from scratch. Why each design choice, and what was measured on the way: docs/toy.md.
 
-A first faithful attempt learned nothing spatial (shared/reference/toy_findings.md). The levers used here, and why:
-  - Word vocabulary: every word of the toy grammar is one Qwen token (tiny_vlm(words=...)).
-  - Instructions name the edited shape by colour, kind and cell ("make the red circle at the top left blue",
-    "segment the red circle at the top left"). Qwen2.5-VL grounds "the red circle" in the reference; the random toy
-    VLM cannot, so the denoiser must find the shape itself. With the colour alone it never did: it applied each edit
-    to every shape. With the cell named, where to act is read from the words as in text-to-image and add.
-  - The six cell words get structured embeddings in the toy VLM: the RoPE phase of their cell's centre (toy_vlm),
-    as the SigLIP tokens carry that of their patch.
-  - Structured SigLIP (still a frozen SiglipVisionModel): no transformer layers; an identity patch embedding keeps
-    the 4x4 patch's 48 pixel values, and fixed position embeddings: 2-D sinusoids at exactly the row/column RoPE
-    frequencies of the denoiser, and a one-hot code of the position. A key projected from the token at (r, c) can
-    then meet the RoPE-rotated query of the image token at (r, c): "read the reference patch at my own position",
-    although text tokens get no position ids. With the sinusoids alone that key needs rotation-equivariant maps
-    learned through four layers, and the read formed only in the last block, where no MLP follows to edit what it
-    read; the one-hot code makes each position's key free, and the read forms a block earlier (README).
-  - Same grid: SigLIP patch 4 on 32x32 -> 8x8 tokens, one per packed image token; RoPE theta 8 (toy_flux_config).
-  - Pixel space: the "autoencoder" is pixel_unshuffle(2) (3 -> 12 channels, 16x16), packed 2x2 by FLUX into
-    64 tokens of 48 channels (a 4x4 pixel patch each).
-  - Two attention heads of 32, not one of 64 (toy_flux_config): in the first block one reads the instruction, the
-    other the reference; with one head removal failed in the right column and every edit came thousands of steps later.
-  - Sharper attention, sooner: the q/k RMSNorm scales learn 10x faster (train.py --qk_norm_lr 10). With RMS-normed
-    q and k of a 32-dim head the logits stay under 6 until the scales grow, too flat to pick one of 64 SigLIP tokens;
-    at Adam's ~lr per step that growth alone delayed copying by thousands of steps (starting them at 4 did less).
-  - Stage 0 starts from DiT's initialisation (adaLN-Zero: every block the identity, the output zero; dit_init).
-  - Curriculum (stage 0 = the toy's FLUX pretraining): first "copy" pairs (target = reference), then the task mix
-    with copies kept in it, its lr decayed linearly to zero over the last 5,400 steps (train.py --decay). On edits
-    alone the model learns only global statistics; on copies it finds the SigLIP route, after 1,000 to 3,000 steps
-    depending on the run (4,000 copy steps).
-  - Each train.py process runs on two threads (1.4x one); a world of one in fp32 trains the plain module (no FSDP2).
-  - The frozen encoders' outputs are cached once per stage (train.py --cache).
+    python toy.py make data/toy                          # the data set, in the official format
+    python toy.py train --data data/toy --out runs/toy   # the recipe (four train.py runs), then the held-out table
+    python toy.py eval assets/toy --data data/toy        # the held-out table of a weights folder
+    python toy.py seeds --data data/toy --out runs/seeds --n 3   # the recipe over three seeds: mean and range
 """
 
 import argparse
@@ -41,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
@@ -57,6 +33,7 @@ from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisi
 import flux
 from encoders import SiglipEncoder, VLMEncoder, load_siglip, tiny_vlm
 from model import Encoders, UniWorld, load_uniworld
+from sample import generate
 
 SIZE = 32  # image side in pixels
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -66,7 +43,9 @@ SHAPES = ("circle", "square", "triangle")
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 CELL = (5.5, 15.5, 25.5)  # centres of the 3x3 placement cells; shapes never overlap (radius < 5)
 TASKS = ("t2i", "recolor", "remove", "add", "segment", "edges")
+VLM_SEED, VLM_PIXELS = 0, 56 * 56  # the frozen toy VLM is the same in every stage; references reach it as 56x56
 COPY, COPY_EVERY = "copy", 5  # curriculum only (train.txt keeps one copy pair per 5 references; copy.txt has all)
+MIX = {"add": 2, "edges": 2}  # mix.txt: each task's pairs this many times (1 if not named)
 WORDS = sorted({*COLORS, *BACKGROUNDS, *SHAPES, *ROWS, *COLS, "a", "at", "the", "on", "make", "remove", "add",
                 "segment", "detect", "edges", "background", "copy", "image", "user", "assistant"})
 
@@ -167,7 +146,7 @@ def make_sample(rng: np.random.Generator, task: str) -> dict:
 
 def make_dataset(root: str, n_train: int, n_test: int, seed: int = 0) -> None:
     """Write root/images/{train,test}/*.png, one JSON per split and task, and root/{train,test}.txt in the official
-    data.txt format `image_root,json_path,need_weight` (edits weighted, §3.5). Test pairs never occur in training.
+    data.txt format `image_root,json_path,need_weight` (edits weighted, paper §3.5). Test pairs never occur in training.
 
     The curriculum's copy pairs (target = reference, "copy the image") reuse the references' files: root/copy.txt
     lists all of them (the first phase), train.txt one in COPY_EVERY (kept in the mix)."""
@@ -210,6 +189,10 @@ def make_dataset(root: str, n_train: int, n_test: int, seed: int = 0) -> None:
                          f"{str(task in ('recolor', 'remove', 'add')).lower()}")
         with open(os.path.join(root, f"{split}.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
+        if split == "train":  # the recipe's mix: add and edges, the slowest to learn, twice as often
+            with open(os.path.join(root, "mix.txt"), "w") as f:
+                task = lambda line: os.path.basename(line.split(",")[1])[len("train_") : -len(".json")]
+                f.write("\n".join(line for line in lines for _ in range(MIX.get(task(line), 1))) + "\n")
 
 
 def load_records(root: str, split: str) -> list[dict]:
@@ -225,7 +208,7 @@ def load_records(root: str, split: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The toy model pieces: frozen encoders with a structured deterministic init, the denoiser config, a pixel "VAE"
+# The toy model pieces: frozen encoders with a structured deterministic init, the denoiser config
 
 
 def toy_flux_config(hidden: int = 64, theta: int = 8, heads: int = 2) -> flux.FluxConfig:
@@ -250,7 +233,7 @@ def toy_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, config: flux.FluxC
     The six cell words get structured embeddings: "top" holds [cos, sin](p w_k) of its cell's centre row p (in image
     tokens) at the denoiser's RoPE row frequencies, "left" the same for columns (zeros elsewhere), as the toy SigLIP
     tokens do: a key projected from "top" then meets the rotated queries of the top rows' image tokens in phase."""
-    vlm = tiny_vlm(seed, hidden=hidden, layers=layers, words=WORDS, pixels=56 * 56)
+    vlm = tiny_vlm(seed, hidden=hidden, layers=layers, words=WORDS, pixels=VLM_PIXELS)
     c = config or toy_flux_config()
     emb = vlm.model.get_input_embeddings().weight
     rows, cols, norm = c.axes_dim[1], c.axes_dim[2], emb.norm(dim=1).mean().item()  # a random token's norm
@@ -300,47 +283,6 @@ def toy_siglip(config: flux.FluxConfig | None = None, patch: int = 4) -> SiglipE
     return SiglipEncoder(model, SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}))
 
 
-class PixelAE(torch.nn.Module):
-    """The autoencoder stand-in: pixels in [-1, 1] (B, 3, 32, 32) <-> latents (B, 12, 16, 16) by pixel_unshuffle.
-
-    Its factor 2 is the latent grid of the edit-mask weights too (masks.loss_weights(..., factor=2))."""
-
-    factor = 2
-
-    def encode(self, x: Tensor) -> Tensor:
-        return F.pixel_unshuffle(x, self.factor)
-
-    def decode(self, z: Tensor) -> Tensor:
-        return F.pixel_shuffle(z, self.factor)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The toy as a train.py preset (--model toy) and as sample.py's built-in model (assets/toy/)
-
-EXAMPLES = {  # sample.py's defaults with the toy: `python sample.py --edit` edits examples/edit.png
-    "edit": {"prompt": "make the red circle at the top left blue", "images": ["examples/edit.png"],
-             "scenes": [("black", [("circle", "red", 0, 0, 6.0, 5.0, 4.5),
-                                   ("square", "yellow", 2, 2, 25.0, 26.0, 4.5)])]},
-    "t2i": {"prompt": "a green triangle at the middle center on white", "images": [], "scenes": []},
-}
-VLM_SEED = 0  # the frozen toy VLM (and the parameter-free SigLIP) are the same in every stage and at sampling
-
-
-def toy_models(cfg, device, ref_latents: bool = False) -> tuple[UniWorld, Encoders]:
-    """train.py's `--model toy`: stage 0 builds the toy denoiser from cfg.seed; later stages load the stage-0 export
-    given as --flux (the toy's "FLUX.1-dev": denoiser and both connectors). Stage 1 has no SigLIP (official), nor
-    has any stage with `--siglip none` (the ablation). `--model toy-ref`: ablation 2, ReferenceLatents."""
-    if cfg.flux:
-        model = load_uniworld(cfg.flux, with_vlm=False, config=toy_flux_config())[0].train()
-    else:
-        torch.manual_seed(cfg.seed)
-        model = UniWorld(flux.Flux(toy_flux_config()), vlm_dim=64, siglip_dim=toy_siglip().model.config.hidden_size)
-        dit_init(model.denoiser)
-    siglip = toy_siglip() if cfg.stage != 1 and cfg.siglip != "none" else None  # --siglip none: the ablation
-    encoders = (ReferenceEncoders if ref_latents else Encoders)(vlm=toy_vlm(VLM_SEED), siglip=siglip, ae=PixelAE())
-    return (ReferenceLatents.of(model) if ref_latents else model), encoders
-
-
 def dit_init(denoiser: flux.Flux) -> None:
     """DiT's initialisation for a denoiser trained from scratch (FLUX.1's own is unpublished): xavier-uniform linear
     weights, zero biases, N(0, 0.02) timestep/guidance/vector embedders, and adaLN-Zero: every modulation and the
@@ -361,76 +303,99 @@ def dit_init(denoiser: flux.Flux) -> None:
         torch.nn.init.zeros_(layer.bias)
 
 
-class ReferenceLatents(UniWorld):
-    """Ablation 2, the official `joint_ref_feature` (off in the release, and not UniWorld's method): the reference's
-    latents join the image stream as clean tokens with index 1 (as in FLUX Kontext); the output on them is dropped.
-    They ride in each sample's features ("ref", from ReferenceEncoders); text_stream hands them to velocity."""
+def read_init(model: UniWorld, head: int = 1, sharpness: float = 2.0) -> None:
+    """A head that reads the reference from the start: in the first double block, head `head`'s image queries are
+    one vector q0 (their RoPE rotation R(r, c) q0 is all that differs), and the SigLIP token at (r, c) gets the key
+    R(r, c) q0, through the siglip_projector (from its one-hot position code), txt_in and the text stream's k.
 
-    @classmethod
-    def of(cls, model: UniWorld) -> "ReferenceLatents":
-        out = cls(model.denoiser, model.denoise_projector[0].in_features, model.siglip_projector[0].in_features)
-        out.load_state_dict(model.state_dict())
-        return out
+    Each image token then attends to the SigLIP token at its own position (0.65 of its attention at init, the probe).
+    Whether stage 0 finds that read by itself, and when, varies from run to run (docs/toy.md, 2026-12-06); every
+    task that copies pixels depends on it; a pretrained denoiser would bring it. Everything stays trainable, and the
+    read's value and output path is learned. q0 has unit entries on the highest and third-highest RoPE frequencies of
+    rows and columns (1 and 0.55 rad per token at theta 8): an own-position peak that no other position aliases."""
+    c, side = model.denoiser.config, SIZE // 4
+    d, hd, rows = c.hidden_size, c.hidden_size // c.num_heads, c.axes_dim[1]
+    q0 = torch.zeros(hd)
+    for axis in (c.axes_dim[0], c.axes_dim[0] + rows):  # the first dim of the row pairs, of the column pairs
+        q0[[axis, axis + 4]] = 1.0  # pairs 0 and 2 of the axis: (1, 0)
+    pe = flux.rope(flux.image_ids(2 * side, 2 * side)[None], c.axes_dim, c.theta)
+    keys = flux.apply_rope(q0.expand(1, 1, side * side, hd), pe)[0, 0]  # (64, hd): R(r, c) q0 at every position
+    onehot = 3 * 4 * 4 + c.axes_dim[1] + c.axes_dim[2]  # where toy_siglip's position code starts
+    up, down, txt_in = model.siglip_projector[0], model.siglip_projector[2], model.denoiser.txt_in
+    block = model.denoiser.double_blocks[0]
+    k, q = slice(d + head * hd, d + (head + 1) * hd), slice(head * hd, (head + 1) * hd)  # head's key, query rows
+    with torch.no_grad():
+        up.weight[: side * side] = 0  # hidden unit j: SiLU(4 code_j - 4), ~18 at position j, ~0 elsewhere
+        up.weight[: side * side, onehot:] = 4 * torch.eye(side * side)
+        up.bias[: side * side] = -4
+        down.weight[:hd] = 0  # connector outputs 0..hd: the key of the token's position
+        down.weight[:hd, : side * side] = keys.T / 16
+        down.bias[:hd] = 0
+        txt_in.weight[:hd] = torch.eye(hd, txt_in.in_features)  # ... passed to the text stream's first hd dims
+        txt_in.weight[hd:, :hd] = 0
+        block.txt_attn.qkv.weight[k] = torch.eye(hd, d) - torch.ones(hd, d) * (torch.arange(d) < hd) / hd  # centred
+        block.txt_attn.qkv.bias[k] = 0
+        block.img_attn.qkv.weight[q] = 0  # the query: q0 whatever the image token holds
+        block.img_attn.qkv.bias[q] = q0
+        for norm in (block.img_attn.norm.query_norm, block.txt_attn.norm.key_norm):
+            norm.scale[q0 != 0] = sharpness
 
-    def text_stream(self, features: list[dict], t5: Tensor | None = None) -> Tensor:
-        self.ref = torch.stack([f["ref"] for f in features])  # (B, C, h, w)
-        return super().text_stream(features, t5)
 
-    def velocity(self, x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: float) -> Tensor:
-        B, _, h, w = x.shape
-        img = torch.cat([flux.pack(x), flux.pack(self.ref.to(x))], 1)  # (B, 2 L, 4C)
-        ids = torch.cat([flux.image_ids(h, w, 0, x.device), flux.image_ids(h, w, 1, x.device)])
-        g = torch.full((B,), guidance, device=x.device, dtype=x.dtype)
-        v = self.denoiser(img, ids, txt, flux.text_ids(txt.shape[1], device=x.device), sigma.to(x.dtype), y, g)
-        return flux.unpack(v[:, : h * w // 4], h, w)
+# ----------------------------------------------------------------------------------------------------------------
+# The toy as a train.py preset, and as a weights folder that sample.py loads like the release
 
-
-class ReferenceEncoders(Encoders):
-    """Encoders + each sample's first reference through the pixel AE as features["ref"] (zeros for text-to-image)."""
-
-    def features(self, instructions: list[str], images: list[list], train: bool = True) -> list[dict]:
-        out = super().features(instructions, images, train)
-        for f, ims in zip(out, images, strict=True):
-            ref = [np.asarray(ims[0].convert("RGB").resize((SIZE, SIZE)))] if ims else [np.zeros((SIZE, SIZE, 3))]
-            f["ref"] = self.ae.encode(to_tensor(ref))[0] * bool(ims)  # (12, 16, 16)
-        return out
+EXAMPLES = {  # what `python sample.py --edit` / `--t2i` run with no --prompt (sample.json)
+    "edit": {"prompt": "make the red circle at the top left blue", "images": ["examples/edit.png"], "scenes": [
+        ("black", [("circle", "red", 0, 0, 6.0, 5.0, 4.5), ("square", "yellow", 2, 2, 25.0, 26.0, 4.5)])]},
+    "t2i": {"prompt": "a green triangle at the middle center on white", "images": [], "scenes": []},
+}
+ASK = ("the toy's Qwen2.5-VL is random and cannot answer questions; for answers run the real model: python sample.py "
+       "--weights LanguageBind/UniWorld-V1 --ask QUESTION")
 
 
-def save_toy(folder: str, ref_latents: bool = False) -> None:
-    """Make a train.py export (the release layout: denoise_tower + the toy VLM) sample.py's toy: + siglip/, toy.json."""
-    toy_siglip().model.save_pretrained(os.path.join(folder, "siglip"))
-    SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}).save_pretrained(os.path.join(folder, "siglip"))
+def toy_models(cfg, device) -> tuple[UniWorld, Encoders]:
+    """train.py's `--model toy`: stage 0 builds the toy denoiser from cfg.seed; later stages load the stage-0 export
+    given as --flux (the toy's "FLUX.1-dev": denoiser and both connectors). Stage 1 has no SigLIP (official), nor
+    has any stage with `--siglip none` (an ablation)."""
+    if cfg.flux:
+        model = load_uniworld(cfg.flux, with_vlm=False)[0].train()
+    else:
+        torch.manual_seed(cfg.seed)
+        model = UniWorld(flux.Flux(toy_flux_config()), vlm_dim=64, siglip_dim=toy_siglip().model.config.hidden_size)
+        dit_init(model.denoiser)
+        read_init(model)
+    siglip = toy_siglip() if cfg.stage != 1 and cfg.siglip != "none" else None
+    return model, Encoders(vlm=toy_vlm(VLM_SEED), siglip=siglip, ae=flux.PixelUnshuffle(2))
+
+
+PRESETS = {"toy": toy_models}
+
+
+def save_toy(folder: str) -> None:
+    """Complete a train.py export (the release layout: denoise_tower + the toy VLM) into a weights folder: siglip/,
+    vae/ (the PixelUnshuffle autoencoder), sample.json (32x32, 20 steps, guidance 1, examples/)."""
+    toy_siglip().save_pretrained(os.path.join(folder, "siglip"))
+    flux.save_autoencoder(flux.PixelUnshuffle(2), os.path.join(folder, "vae"))
     for example in EXAMPLES.values():
         for path, (background, shapes) in zip(example["images"], example["scenes"], strict=True):
             os.makedirs(os.path.dirname(os.path.join(folder, path)), exist_ok=True)
             Image.fromarray(draw(background, [Shape(*s) for s in shapes])).save(os.path.join(folder, path))
-    c = toy_flux_config()
-    with open(os.path.join(folder, "toy.json"), "w") as f:
-        json.dump({"flux": {"hidden": c.hidden_size, "theta": c.theta, "heads": c.num_heads}, "size": SIZE,
-                   "steps": 20, "guidance": 1.0, "ref_latents": ref_latents, "examples": EXAMPLES}, f, indent=1)
+    with open(os.path.join(folder, "sample.json"), "w") as f:
+        json.dump({"area": SIZE * SIZE, "steps": 20, "guidance": 1.0, "vlm_pixels": VLM_PIXELS, "notes": {"ask": ASK},
+                   "examples": {k: {"prompt": v["prompt"], "images": v["images"]} for k, v in EXAMPLES.items()}},
+                  f, indent=1)
 
 
-def load_toy(folder: str, device=None, dtype=None) -> tuple[UniWorld, Encoders, dict]:
-    """sample.py's loader for a folder with toy.json: UniWorld + VLM from the release files, SigLIP, the pixel AE."""
-    with open(os.path.join(folder, "toy.json")) as f:
-        meta = json.load(f)
-    model, vlm = load_uniworld(folder, dtype, device, config=toy_flux_config(**meta["flux"]), vlm_pixels=56 * 56)
-    siglip = load_siglip(os.path.join(folder, "siglip"), dtype).to(device)
-    if meta["ref_latents"]:  # ablation 2
-        return ReferenceLatents.of(model).eval(), ReferenceEncoders(vlm.to(device), siglip, PixelAE()), meta
-    return model, Encoders(vlm.to(device), siglip, PixelAE()), meta  # no CLIP: the pooled vector is zeros, as trained
-
-
-def to_tensor(imgs: list[np.ndarray]) -> Tensor:
-    """uint8 (H, W, 3) images -> (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+def load_toy(folder: str, device=None) -> tuple[UniWorld, Encoders]:
+    """A toy weights folder, as sample.py loads it (no CLIP: the pooled vector is zeros, as trained)."""
+    model, vlm = load_uniworld(folder, device=device, vlm_pixels=VLM_PIXELS)
+    siglip, ae = load_siglip(os.path.join(folder, "siglip")).to(device), flux.load_autoencoder(folder)
+    return model, Encoders(vlm.to(device), siglip, ae)
 
 
 def outputs(model: UniWorld, encoders: Encoders, records: list[dict], steps: int = 20, batch: int = 50,
             progress: bool = True) -> list[np.ndarray]:
     """sample.generate on every record, as `python sample.py` runs it (inference prompt, seed 42 + i) -> uint8."""
-    from sample import generate
-
     out = []
     for i in tqdm(range(0, len(records), batch), desc="sampling", disable=not progress):
         rs = records[i : i + batch]
@@ -439,6 +404,11 @@ def outputs(model: UniWorld, encoders: Encoders, records: list[dict], steps: int
                           seeds=list(range(42 + i, 42 + i + len(rs))), steps=steps, guidance=1.0, progress=False)
         out += [np.asarray(im) for im in images]
     return out
+
+
+def to_tensor(imgs: list[np.ndarray]) -> Tensor:
+    """uint8 (H, W, 3) images -> (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -511,21 +481,21 @@ def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The recipe: four train.py runs (stage 0 on copies, then on the mix with its cool-down; stage 1, stage 2), then the
-# evaluation
+# The recipe: stage 0 on copies until the reference read forms, then on the task mix with its cool-down; stage 1;
+# stage 2. Each stage a train.py run; the encoder caches are built once per data set.
 
 COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk_norm_lr 10 --ema_decay 0.995 "
-          "--precision fp32 --log_every 50 --val_every 1000000000 --ckpt_every 1000000000 --val_steps 20 "
+          "--precision fp32 --compile --log_every 50 --val_every 1000000000 --ckpt_every 1000000000 --val_steps 20 "
           "--val_guidance 1")
-RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the dataset's, {train}: its train.txt)
-    ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 4000 --cache {out}/cache/copy"),
-    ("s0", "--stage 0 --data {train} --init {out}/s0-copy --steps 36000 --decay 5400 --cache {out}/cache/train"),
-    ("s1", "--stage 1 --data {train} --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
-    ("s2", "--stage 2 --data {train} --flux {out}/s0/ema --init {out}/s1 --steps 1000 --lr 1e-4 "
-           "--warmup 0 --no-grad_ckpt --cache {out}/cache/train"),  # s0's cache
+RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the data set's, {cache}: its caches)
+    ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 1500 --cache {cache}/copy --shift 1.5"),  # high noise
+    ("s0", "--stage 0 --data {data}/mix.txt --init {out}/s0-copy --steps 22000 --decay 5500 --cache {cache}/mix"),
+    ("s1", "--stage 1 --data {data}/mix.txt --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
+    ("s2", "--stage 2 --data {data}/mix.txt --flux {out}/s0/ema --init {out}/s1 --steps 1000 --lr 1e-4 "
+           "--warmup 0 --no-grad_ckpt --cache {cache}/mix"),
 )
-ABLATIONS = {"none": "", "no-siglip": "--siglip none", "ref-latents": "--model toy-ref",
-             "uniform": "--weighting none"}  # the three of the issue: one flag each, added to every stage
+READ, MAX_COPY_STEPS = 0.5, 8000  # the copy stage ends once a head reads its own position with this attention
+ENTRY = [sys.executable, os.path.abspath(__file__), "stage"]  # a stage: train.main(argv, PRESETS) in a fresh process
 
 
 def steps_of(flags: str) -> int:
@@ -533,100 +503,199 @@ def steps_of(flags: str) -> int:
     return int(flags.split("--steps ")[1].split()[0])
 
 
-def train(data: str, out: str, scale: float = 1.0, ablation: str = "none", threads: int = 2,
-          tasks: list[str] | None = None, flags: str = "", minutes: float | None = None) -> None:
-    """Run the recipe: each stage a `python train.py` process, its EMA export made loadable by sample.py. `scale`
-    multiplies every stage's steps (and stage 0's cool-down); `tasks` keeps only those tasks (and the copies) of
-    train.txt: a focused run. `flags` go to every train.py call (a GPU's "--batch_size 64 --workers 8"); `minutes`
-    sizes the long stage-0 run from the speed of the copy stage so that the whole recipe ends in that time."""
-    start, rate = time.perf_counter(), None  # rate: steps per second of wall time, measured on the copy stage
-    train_txt = os.path.join(data, "train.txt")
+def reads_its_reference(folder: str, data: str, n: int = 16) -> float:
+    """The strongest own-position read of the copy stage's export: over every block and head, the mean attention
+    of the image tokens on the SigLIP token at their own position (attention_probe, σ = 0.5, n held-out refs)."""
+    model, encoders = load_toy(folder)
+    refs = [r["refs"][0] for r in load_records(data, "test") if r["refs"]][:n]
+    return max(row[:, 0].max().item() for _, row in attention_probe(model, encoders, refs, sigma=0.5))
+
+
+def train(data: str, out: str, flags: str = "", tasks: list[str] | None = None, scale: float = 1.0,
+          threads: int = 2, entry: list[str] = ENTRY, read: float = READ, batch: int = 8) -> None:
+    """Run the recipe, each stage a fresh process (its EMA export completed into a weights folder by save_toy).
+    `flags` go to every stage (e.g. "--seed 1", "--siglip none"); `tasks` keeps only those tasks (and the copies)
+    of the mix (caches under `out`); `scale` multiplies every stage's steps; `batch` pairs a step (a GPU's 64)
+    divides the steps by batch / 8 and multiplies the learning rates by its square root; stages already exported
+    are kept and a stage cut short goes on (a rerun resumes).
+    The copy stage goes on, 1,000 steps at a time, until a head of the denoiser reads the SigLIP token at its own
+    position (reads_its_reference >= `read`), up to MAX_COPY_STEPS: when that read forms varies from run to run
+    (docs/toy.md), and every later stage depends on it. `read` 0 turns this gate off."""
+    mix, key = os.path.join(data, "mix.txt"), re.sub(r"--seed \d+", "", " ".join(flags.split()))
+    cache = os.path.join(data, "cache", hashlib.sha1(key.encode()).hexdigest()[:8])  # shared by the seeds of a setting
     if tasks:
-        keep = [f"train_{t}.json" for t in (*tasks, COPY)]
-        lines = [line for line in open(train_txt).read().split() if line.split(",")[1].endswith(tuple(keep))]
+        keep = tuple(f"train_{t}.json" for t in (*tasks, COPY))
         os.makedirs(out, exist_ok=True)
-        train_txt = os.path.join(out, "train.txt")
-        with open(train_txt, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    for i, (name, stage_flags) in enumerate(RECIPE):
+        with open(mix) as f, open(os.path.join(out, "mix.txt"), "w") as g:
+            g.writelines(line for line in f if line.split(",")[1].endswith(keep))
+        mix, cache = os.path.join(out, "mix.txt"), os.path.join(out, "cache")
+    for name, stage_flags in RECIPE:
         if os.path.isdir(os.path.join(out, name, "ema")):
             print(f"{name}: done before, kept")
             continue
-        argv = f"{COMMON} {stage_flags} {ABLATIONS[ablation]} {flags} --out {out}/{name}"
-        argv = argv.format(out=out, data=data, train=train_txt).split()
-        factor = scale
-        if name == "s0" and minutes and rate:  # the time left, less the short stages after it at the same speed
-            after = sum(steps_of(f) * scale for _, f in RECIPE[i + 1 :])
-            factor = max(1, (minutes * 60 - (time.perf_counter() - start)) * rate - after) / steps_of(stage_flags)
-        for flag in ("--steps", "--decay"):  # the cool-down keeps its share of the stage
-            if flag in argv:
-                argv[argv.index(flag) + 1] = str(max(1, round(int(argv[argv.index(flag) + 1]) * factor)))
-        print(f"{name}: python train.py {' '.join(argv)}", flush=True)
-        t = time.perf_counter()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *argv],
-                       check=True, env=env)
-        save_toy(os.path.join(out, name, "ema"), ref_latents=ablation == "ref-latents")
-        t = time.perf_counter() - t
-        rate = rate or int(argv[argv.index("--steps") + 1]) / t
-        print(f"{name}: {t:.0f} s", flush=True)
+        argv = f"{COMMON} {stage_flags} {flags} --out {out}/{name}".format(out=out, data=data, cache=cache)
+        argv = argv.replace(f"{data}/mix.txt", mix).split()
+        k = batch / 8
+        for flag, factor in (("--steps", scale / k), ("--decay", scale / k), ("--lr", k**0.5), ("--batch_size", k)):
+            for i in [i + 1 for i, a in enumerate(argv) if a == flag]:  # the cool-down keeps its share of the stage
+                value = float(argv[i]) * factor
+                argv[i] = f"{value:.3g}" if flag == "--lr" else str(max(1, round(value)))
+        print(f"{name}: train.py {' '.join(argv)}", flush=True)
+        t, env = time.perf_counter(), {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run([*entry, *argv, "--resume"], check=True, env=env)  # --resume: a rerun goes on where it stopped
+        save_toy(os.path.join(out, name, "ema"))
+        steps = int(argv[argv.index("--steps") + 1])
+        while name == "s0-copy" and read and steps < MAX_COPY_STEPS * scale / k:
+            torch.set_num_threads(threads)
+            strongest = reads_its_reference(os.path.join(out, name, "ema"), data)
+            print(f"{name}: {steps} steps, the reference read {strongest:.2f}", flush=True)
+            if strongest >= read:
+                break
+            steps += max(1, round(1000 * scale / k))
+            argv[argv.index("--steps") + 1] = str(steps)
+            subprocess.run([*entry, *argv, "--resume"], check=True, env=env)
+            save_toy(os.path.join(out, name, "ema"))
+        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+
+@torch.no_grad()
+def attention_probe(model, encoders, refs: list[np.ndarray], sigma: float) -> list[tuple[str, torch.Tensor]]:
+    """Per block: (H, 3) attention of the image tokens on [own-position SigLIP token, all SigLIP tokens, VLM tokens]."""
+    feats = encoders.features(["copy the image"] * len(refs), [[Image.fromarray(r)] for r in refs], train=False)
+    txt, mask = model.text_stream(feats)  # (B, L, D), SigLIP tokens before each <|vision_end|>; all the same length
+    L, T = txt.shape[1], feats[0]["siglip"].shape[1]
+    start = torch.tensor([L - len(f["vlm"]) - T + int(f["vision_end"][0]) for f in feats])  # (B,) first SigLIP
+    rows = []
+
+    def probe(q, k, v, pe, mask=None):  # flux.attention with its weights recorded (copies: nothing padded)
+        logits = flux.apply_rope(q, pe) @ flux.apply_rope(k, pe).transpose(-1, -2) / math.sqrt(q.shape[-1])
+        a = logits.softmax(-1)  # (B, H, L + 64, L + 64)
+        img = a[:, :, L:]  # (B, H, 64, L + 64): the image tokens' queries
+        sig = torch.stack([img[b, :, :, s : s + T] for b, s in enumerate(start.tolist())])  # (B, H, 64, T)
+        own = sig.diagonal(dim1=2, dim2=3).mean((0, 2))  # (H,)
+        on_sig = sig.sum(-1).mean((0, 2))
+        on_vlm = img[..., :L].sum(-1).mean((0, 2)) - on_sig
+        rows.append(torch.stack([own, on_sig, on_vlm], -1))
+        return attention(q, k, v, pe, mask)
+
+    attention, flux.attention = flux.attention, probe
+    try:
+        x0 = flux.PixelUnshuffle(2).encode(to_tensor(refs))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        pooled = torch.zeros(len(refs), model.denoiser.config.vec_in_dim)  # no CLIP in the toy, as trained
+        model.velocity((1 - sigma) * x0 + sigma * noise, torch.full((len(refs),), sigma), txt, pooled, 1.0, mask)
+    finally:
+        flux.attention = attention
+    names = [f"d{i}" for i in range(len(model.denoiser.double_blocks))]
+    names += [f"s{i}" for i in range(len(model.denoiser.single_blocks))]
+    return list(zip(names, rows, strict=True))
+
+
+def seeds(data: str, out: str, n: int, flags: str = "", tasks: list[str] | None = None, scale: float = 1.0,
+          threads: int = 2, batch: int = 8) -> dict:
+    """The recipe with seeds 0..n-1 (denoiser init, data order and noise; the frozen encoders stay the same), each
+    evaluated on the held-out split: per task the mean and the range over the seeds."""
+    rows = []
+    for seed in range(n):
+        train(data, os.path.join(out, f"seed{seed}"), f"{flags} --seed {seed}", tasks, scale, threads, batch=batch)
+        rows.append(evaluate_folder(os.path.join(out, f"seed{seed}", "s2", "ema"), data, tasks=tasks, show=False))
+    table = {}
+    print(f"{'task':8} {'success: mean (min-max)':>24} {'IoU':>18}   per seed")
+    for task in rows[0]:
+        ok, iou = [r[task]["success"] for r in rows], [r[task]["iou"] for r in rows]
+        table[task] = {"success": ok, "iou": iou}
+        show = f"{np.mean(iou):.2f} ({min(iou):.2f}-{max(iou):.2f})" if not math.isnan(iou[0]) else ""
+        print(f"{task:8} {np.mean(ok):10.0%} ({min(ok):.0%}-{max(ok):.0%}) {show:>18}   "
+              + " ".join(f"{v:.0%}" for v in ok))
+    return table
 
 
 def evaluate_folder(folder: str, data: str, n: int | None = None, show: bool = True,
                     tasks: list[str] | None = None) -> dict:
-    """The held-out table of a toy export (a folder with toy.json) on `data`'s test split (`tasks` only)."""
-    model, encoders, _ = load_toy(folder)
+    """The held-out table of a toy weights folder on `data`'s test split (`tasks` only)."""
+    model, encoders = load_toy(folder)
     records = [r for r in load_records(data, "test") if not tasks or r["task"] in tasks][:n]
     return evaluate(records, outputs(model, encoders, records), show)
 
 
-def showcase(folder: str, data: str, out: str, per_task: int = 2, zoom: int = 4) -> list[str]:
-    """A PNG of held-out pairs, one row each: input | output | target (black input for t2i); -> the instructions."""
-    model, encoders, _ = load_toy(folder)
-    records = [r for t in TASKS for r in [r for r in load_records(data, "test") if r["task"] == t][:per_task]]
-    rows = [np.concatenate([r["refs"][0] if r["refs"] else np.zeros_like(r["target"]), o, r["target"]], 1)
-            for r, o in zip(records, outputs(model, encoders, records, progress=False), strict=True)]
-    grid = np.concatenate([np.pad(row, ((1, 1), (0, 0), (0, 0)), constant_values=255) for row in rows])
-    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(out)
-    return [f"{r['task']}: {r['text'].replace(chr(10) + '<image>', '')}" for r in records]
+def write_batch(data: str, path: str, n: int) -> None:
+    """The first n held-out pairs of each task as a sample.py --batch file: one row per pair with its reference and
+    target copied into images/ beside the file, the task for scoring (evaluate_batch), seeds 42 + row."""
+    folder, rows = os.path.dirname(os.path.abspath(path)), []
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    records = [r for t in TASKS for r in [r for r in load_records(data, "test") if r["task"] == t][:n]]
+    for i, r in enumerate(records):
+        names = [f"images/{i:04d}_ref.png"] * len(r["refs"]) + [f"images/{i:04d}_target.png"]
+        for name, img in zip(names, r["refs"] + [r["target"]], strict=True):
+            Image.fromarray(img).save(os.path.join(folder, name))
+        rows.append({"prompt": r["text"].replace("\n<image>", ""), "images": names[:-1], "seed": 42 + i,
+                     "name": f"{r['task']}/{i:04d}", "task": r["task"], "target": names[-1], "shapes": r["shapes"]})
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def evaluate_batch(path: str, outputs_folder: str, show: bool = True) -> dict:
+    """The held-out table of `sample.py --batch FILE --out FOLDER`'s images for a write_batch file."""
+    folder, records, images = os.path.dirname(os.path.abspath(path)), [], []
+    with open(path) as f:
+        for row in map(json.loads, f):
+            load = lambda name: np.asarray(Image.open(os.path.join(folder, name)).convert("RGB"))
+            records.append({"task": row["task"], "shapes": row["shapes"], "refs": [load(p) for p in row["images"]],
+                            "target": load(row["target"])})
+            images.append(np.asarray(Image.open(os.path.join(outputs_folder, row["name"] + ".png")).convert("RGB")))
+    return evaluate(records, images, show)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="the toy world: make a dataset, train the recipe, evaluate a model")
+    if sys.argv[1:2] == ["stage"]:  # one train.py run with the toy preset (what the recipe launches)
+        import train as T
+
+        T.main(sys.argv[2:], PRESETS)
+        sys.exit()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="write the procedural dataset: python toy.py make DIR")
     m.add_argument("dir")
     m.add_argument("--train", type=int, default=12_000)
-    m.add_argument("--test", type=int, default=300)
+    m.add_argument("--test", type=int, default=600)
     m.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("train", help="the recipe through train.py: python toy.py train --data DIR --out RUN")
-    t.add_argument("--data", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
-    t.add_argument("--ablation", choices=sorted(ABLATIONS), default="none")
-    t.add_argument("--threads", type=int, default=2, help="OpenMP threads of each train.py process (2: 1.4x 1)")
-    t.add_argument("--tasks", nargs="+", choices=TASKS, help="train (and evaluate) only these tasks")
-    t.add_argument("--flags", default="", help='more train.py flags for every stage, e.g. "--batch_size 64"')
-    t.add_argument("--minutes", type=float, help="fit the recipe in this time: stage 0's steps from the copies' speed")
+    for name, text in (("train", "the recipe through train.py, then the held-out table"),
+                       ("seeds", "the recipe over --n seeds: mean and range per task")):
+        t = sub.add_parser(name, help=text)
+        t.add_argument("--data", required=True)
+        t.add_argument("--out", required=True)
+        t.add_argument("--flags", default="", help='train.py flags for every stage, e.g. "--seed 1" or "--siglip none"')
+        t.add_argument("--tasks", nargs="+", choices=TASKS, help="train (and evaluate) only these tasks")
+        t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
+        t.add_argument("--threads", type=int, default=2, help="OpenMP threads of each train.py process")
+        t.add_argument("--batch", type=int, default=8, help="pairs a step (a GPU: 64): fewer steps, higher lr")
+        t.add_argument("--n", type=int, default=3, help="seeds (toy.py seeds)")
     e = sub.add_parser("eval", help="the held-out table: python toy.py eval FOLDER --data DIR")
-    e.add_argument("folder", help="assets/toy, or a recipe stage's export such as RUN/s2/ema")
-    e.add_argument("--data", required=True)
+    e.add_argument("folder", help="assets/toy, a recipe stage's export such as RUN/s2/ema, or --batch's outputs")
+    e.add_argument("--data", help="the data set whose held-out split to sample and score")
+    e.add_argument("--batch", help="instead: score FOLDER, the images of sample.py --batch FILE")
     e.add_argument("--n", type=int, help="the first n held-out pairs only")
-    v = sub.add_parser("showcase", help="held-out input | output | target rows: python toy.py showcase FOLDER ...")
-    v.add_argument("folder")
-    v.add_argument("--data", required=True)
-    v.add_argument("--out", default="showcase.png")
+    b = sub.add_parser("batch", help="held-out pairs as a sample.py --batch file: python toy.py batch DIR --out F")
+    b.add_argument("data")
+    b.add_argument("--out", required=True, help="the .jsonl file (images/ are written beside it)")
+    b.add_argument("--n", type=int, default=2, help="pairs per task")
     a = p.parse_args()
     if a.command == "make":
         make_dataset(a.dir, a.train, a.test, a.seed)
         print(f"wrote {a.train} training and {a.test} held-out pairs to {a.dir} (data.txt format: {a.dir}/train.txt)")
     elif a.command == "train":
-        train(os.path.abspath(a.data), os.path.abspath(a.out), a.scale, a.ablation, a.threads, a.tasks, a.flags,
-              a.minutes)
-        torch.set_num_threads(1)
+        start = time.perf_counter()
+        train(os.path.abspath(a.data), os.path.abspath(a.out), a.flags, a.tasks, a.scale, a.threads, batch=a.batch)
+        torch.set_num_threads(a.threads)
         evaluate_folder(os.path.join(a.out, "s2", "ema"), a.data, tasks=a.tasks)
-    elif a.command == "eval":
-        torch.set_num_threads(1)
-        evaluate_folder(a.folder, a.data, a.n)
+        print(f"recipe and held-out table: {(time.perf_counter() - start) / 60:.1f} min")
+    elif a.command == "seeds":
+        seeds(os.path.abspath(a.data), os.path.abspath(a.out), a.n, a.flags, a.tasks, a.scale, a.threads, a.batch)
+    elif a.command == "batch":
+        write_batch(a.data, a.out, a.n)
+        print(f"wrote {a.out}: python sample.py --batch {a.out} --out OUT, then python toy.py eval OUT --batch {a.out}")
+    elif a.batch:
+        evaluate_batch(a.batch, a.folder)
     else:
-        print("\n".join(showcase(a.folder, a.data, a.out)) + f"\nwrote {a.out}")
+        torch.set_num_threads(2)
+        evaluate_folder(a.folder, a.data, a.n)

@@ -1,4 +1,4 @@
-"""Train UniWorld-V1's denoise tower (paper §3, official train_denoiser.py): stage 1 or 2, FSDP2, one process per GPU.
+"""Train UniWorld-V1's denoise tower (paper §3.2, official train_denoiser.py): stage 1 or 2, FSDP2, one process per GPU.
 
 Stage 1 trains the denoise_projector (Qwen2.5-VL -> FLUX text stream) alone. Stage 2 starts from a stage-1 run and
 also trains the siglip_projector (initialised from FLUX Redux) and FLUX's image-branch attention and modulation.
@@ -15,13 +15,13 @@ Stage 2 from the stage-1 run (its EMA projector) and Redux for the SigLIP projec
     torchrun --standalone --nproc_per_node=8 train.py --stage 2 --init runs/s1 --redux flux-redux-siglipv2-512.bin \\
         --data data.txt --out runs/s2 --flux FLUX.1-dev --siglip google/siglip2-so400m-patch16-512
 Resume: the same command plus --resume. Tiny random models, no weights (tests, CI): --model tiny --resolution 64.
-The toy world (--model toy, stage 0 = its FLUX pretraining; --flux = that run's export): python toy.py train.
 Every TrainConfig field is a flag (--lr 1e-4, --no-init_ema). Under --out: train_config.json, metrics.jsonl,
-checkpoints/step-N/ (torch.distributed.checkpoint), val/step-N.png; at the end raw/ and ema/ in the release layout
-(what sample.py --weights loads).
+checkpoints/step-N/ (torch.distributed.checkpoint + checksums.json), val/step-N.png; at the end raw/ and ema/ in the
+release layout (what sample.py --weights loads). Other programs add model presets: train.main(argv, presets).
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -29,9 +29,9 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -51,8 +51,7 @@ from tqdm import tqdm
 
 import flux
 import model as M
-import toy
-from data import Batches, EditData, build_cache, check_bad, encode
+from data import Batches, EditData, TooMuchBadData, build_cache, check_bad
 from ema import ShardedEMA
 from encoders import QWEN_ID, SIGLIP_ID, load_clip, load_siglip, load_vlm, tiny_siglip, tiny_vlm
 from sample import generate, to_pil
@@ -62,37 +61,41 @@ log = logging.getLogger("train")
 
 @dataclass
 class TrainConfig:
-    stage: int = 1  # 1: denoise_projector; 2: + siglip_projector + FLUX image branch; 0: toy pretraining
+    stage: int = 1  # 1: denoise_projector; 2: + siglip_projector + FLUX image branch; 0: a preset's own pretraining
     data: str = ""  # data.txt: one `image_root,json_path,need_weight` line per dataset (data.py)
     out: str = ""  # the run folder
+    overwrite: bool = False  # start afresh in an --out that holds a run (its checkpoints and metrics are deleted)
     # models
-    model: str = "flux"  # "flux": the weights below; "tiny": random, seeded (tests); "toy": toy.py's world
-    flux: str = ""  # FLUX.1-dev folder: transformer/ + vae/ (+ text_encoder/ for the pooled CLIP("")); toy: stage 0
+    model: str = "flux"  # "flux": the weights below; "tiny": random, seeded (tests); or a preset of train.main's caller
+    flux: str = ""  # FLUX.1-dev folder: transformer/ + vae/ (+ text_encoder/ for the pooled CLIP(""))
     vlm: str = QWEN_ID
     siglip: str = SIGLIP_ID  # stage 2 only: stage 1 has no SigLIP tokens (official)
     redux: str = ""  # stage 2: flux-redux-siglipv2-512.bin or a Redux .safetensors -> siglip_projector
     init: str = ""  # an earlier run of this script: start from what it trained (stage 2 <- stage 1)
     init_ema: bool = True  # take --init's EMA weights (the official recommendation)
+    freeze: str = ""  # a regex of parameter names kept frozen on top of the stage's (e.g. one block's attention)
     # data
     resolution: int = 512  # the square side, or the area anchor with --buckets (official 512)
     buckets: bool = False  # any_11ratio aspect buckets; official default squashes to resolution²
     batch_size: int = 1  # per rank (official 1 at 512²)
     workers: int = 4  # data loader processes per rank
     weighting: str = "log"  # edit-region loss weighting (masks.py, official "log")
+    shift: float = None  # mu of the noise-level shift (None: FLUX's rule from the image token count, official)
     max_bad: float = 0.05  # stop when more of the data than this is bad
     cache: str = ""  # folder for the frozen encoders' outputs: computed once, then trained from
     # optimisation (None: the stage's official value, STAGE_DEFAULTS)
     steps: int = 20_000  # the released model: 20k stage-2 steps
     lr: float = None
     warmup: int = None  # linear warm-up steps
-    decay: int = 0  # then a linear decay to zero over the last this many steps (0: none, official; the toy's cool-down)
+    decay: int = 0  # then a linear decay to zero over the last this many steps (0: none, official)
     grad_ckpt: bool = None  # activation checkpointing of every FLUX block
+    compile: bool = False  # torch.compile the FLUX denoiser (official: compile_flux false)
     precision: str = "auto"  # "bf16" compute over fp32 weights, or "fp32"; auto: bf16 on CUDA, fp32 on the CPU
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
     weight_decay: float = 0.0
-    qk_norm_lr: float = 1.0  # lr multiplier of FLUX's q/k RMSNorm scales (1 = official; the toy world from scratch: 10)
+    qk_norm_lr: float = 1.0  # lr multiplier of FLUX's q/k RMSNorm scales (1 = official)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 203  # official
@@ -104,36 +107,41 @@ class TrainConfig:
     val_guidance: float = 4.0
     ckpt_every: int = 2000  # official
     keep: int = 3  # checkpoints kept
-    resume: bool = False  # continue from the latest checkpoint under --out
+    resume: bool = False  # continue from the newest intact checkpoint under --out
 
 
-STAGE_DEFAULTS = {  # §3.2, §3.3: AdamW (0.9, 0.99), wd 0; stage 2 lr 5e-6 is the released run's (the yaml says 1e-6)
-    0: dict(lr=1e-4, warmup=0, grad_ckpt=False),  # toy only: the whole denoiser from scratch
+STAGE_DEFAULTS = {  # docs/official.md §4.4-4.7: AdamW (0.9, 0.99), wd 0; stage 2 lr 5e-6 is the released run's
+    0: dict(lr=1e-4, warmup=0, grad_ckpt=False),  # a preset's pretraining of the whole denoiser from scratch
     1: dict(lr=1e-3, warmup=0, grad_ckpt=False),
     2: dict(lr=5e-6, warmup=5000, grad_ckpt=True),
 }
 
 
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None, models=None) -> TrainConfig:
     """TrainConfig from --key value flags (booleans: --flag / --no-flag); None fields get the stage's defaults."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        kind = type(f.default if f.default is not None else STAGE_DEFAULTS[1][f.name])
+        kind = f.type
         if kind is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
         else:
             p.add_argument(f"--{f.name}", type=kind, default=f.default)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.stage not in STAGE_DEFAULTS:
-        p.error(f"--stage {cfg.stage}: use 1 or 2 (0 is the toy world's pretraining)")
+        p.error(f"--stage {cfg.stage}: use 1 or 2 (0 is a preset's pretraining)")
     for key, value in STAGE_DEFAULTS[cfg.stage].items():
         setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
     if not cfg.data or not cfg.out:
         p.error("--data data.txt and --out RUN_FOLDER are required")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         p.error(f"--precision {cfg.precision}: use auto, bf16 or fp32")
-    if cfg.model not in MODELS:
-        p.error(f"--model {cfg.model}: choose one of {sorted(MODELS)}")
+    if cfg.model not in (models or MODELS):
+        p.error(f"--model {cfg.model}: choose one of {sorted(models or MODELS)}")
+    for name in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "keep"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.max_bad <= 1 or not cfg.lr > 0:
+        p.error(f"--max_bad must be a fraction from 0 to 1 and --lr positive, got {cfg.max_bad} and {cfg.lr}")
     return cfg
 
 
@@ -158,27 +166,26 @@ def flux_models(cfg: TrainConfig, device) -> tuple[M.UniWorld, M.Encoders]:
 
 
 def tiny_models(cfg: TrainConfig, device) -> tuple[M.UniWorld, M.Encoders]:
-    """Random models with the real interfaces at toy size, from cfg.seed: no downloads (tests, CI)."""
+    """Random models with the real interfaces at tiny size, from cfg.seed: no downloads (tests, CI)."""
     torch.manual_seed(cfg.seed)
     encoders = M.Encoders(vlm=tiny_vlm(cfg.seed), siglip=tiny_siglip(cfg.seed) if cfg.stage != 1 else None,
                           ae=flux.AutoEncoder(flux.AE_CONFIGS["tiny"]))
     return M.UniWorld(flux.Flux(flux.FLUX_CONFIGS["tiny"]), vlm_dim=64, siglip_dim=32), encoders
 
 
-MODELS = {"flux": flux_models, "tiny": tiny_models, "toy": toy.toy_models,  # a preset: (cfg, device) -> models
-          "toy-ref": partial(toy.toy_models, ref_latents=True)}  # the toy world's ablation 2
+MODELS = {"flux": flux_models, "tiny": tiny_models}  # a preset: (cfg, device) -> (UniWorld, Encoders)
 
 
 def init_from_run(model: M.UniWorld, run: str, ema: bool = True) -> None:
-    """Load what an earlier run trained (its stage's parameters) from its release export (§3.3: stage 2 starts from
-    stage 1's denoise_projector, EMA copy recommended)."""
+    """Load what an earlier run trained (its stage's parameters) from its release export (paper §3.2: stage 2 starts
+    from stage 1's denoise_projector, the EMA copy recommended)."""
     folder, config = os.path.join(run, "ema" if ema else "raw"), os.path.join(run, "train_config.json")
     if not (os.path.isfile(config) and os.path.isdir(folder)):
         raise FileNotFoundError(f"--init {run}: expected a finished train.py run (train_config.json and {folder}/)")
     with open(config) as f:
         stage = json.load(f)["stage"]
     names = [n for n, _ in model.named_parameters() if re.match(M.STAGES[stage], n)]
-    st = flux.Safetensors(flux.safetensors_files(folder), prefix="denoise_tower.")
+    st = flux.Checkpoint(folder, prefix="denoise_tower.")
     state = {n: st.read(n) for n in names if not n.startswith("denoiser.")}
     if len(state) < len(names):  # that stage trained FLUX too: its weights are in diffusers layout
         denoiser = flux.load_flux(folder, config=model.denoiser.config).state_dict()
@@ -189,14 +196,12 @@ def init_from_run(model: M.UniWorld, run: str, ema: bool = True) -> None:
 
 def shard(model: M.UniWorld, cfg: TrainConfig, device) -> None:
     """FSDP2: each FLUX block its own unit (wrapped for activation checkpointing first, stage 2), then the root.
-
-    A world of one in fp32 has nothing to shard and nothing to cast, so it trains the plain module (activation
-    checkpointing still applies): there FSDP2's hooks and collectives cost ~15% of a toy-sized step."""
+    A world of one in fp32 has nothing to shard or cast: it trains the plain module, without FSDP2's hooks."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     sharded = dist.get_world_size() > 1 or bf16
     mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if sharded else None
     # bf16 compute, fp32 weights and gradient reduction. The root casts the batch; the blocks must not cast their
-    # inputs, or the fp32 RoPE table would arrive in bf16 (RoPE is computed in fp32, flux.md §1.3)
+    # inputs, or the fp32 RoPE table would arrive in bf16 (RoPE is computed in fp32, docs/official.md §11.3)
     root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     block_mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else None
     for blocks in (model.denoiser.double_blocks, model.denoiser.single_blocks):
@@ -211,7 +216,7 @@ def shard(model: M.UniWorld, cfg: TrainConfig, device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: torch.distributed.checkpoint into a temporary folder, then one rename
+# Checkpoints: torch.distributed.checkpoint into a temporary folder, checksummed, then one rename
 
 
 def checkpoints(out: str) -> list[str]:
@@ -219,6 +224,31 @@ def checkpoints(out: str) -> list[str]:
     folder = os.path.join(out, "checkpoints")
     names = sorted(n for n in os.listdir(folder) if n.startswith("step-")) if os.path.isdir(folder) else []
     return [os.path.join(folder, n) for n in names]
+
+
+def checksums(folder: str) -> dict[str, str]:
+    """SHA-256 of every file of a checkpoint but checksums.json, each rank hashing its share of them."""
+    names = sorted(n for n in os.listdir(folder) if n != "checksums.json")
+    mine = {}
+    for name in names[dist.get_rank() :: dist.get_world_size()]:
+        digest = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        mine[name] = digest.hexdigest()
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    return {k: v for share in shares for k, v in share.items()}
+
+
+def intact(path: str) -> bool:
+    """Whether a checkpoint's files are the ones its checksums.json lists, byte for byte (every rank agrees)."""
+    try:
+        with open(os.path.join(path, "checksums.json")) as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return checksums(path) == expected
 
 
 def save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable) -> None:
@@ -236,14 +266,16 @@ def save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainabl
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, os.path.join(tmp, f"rank{rank:05d}.pt"))
-    if os.environ.get("UNIWORLD_TEST_PAUSE_AT_CHECKPOINT") == str(step):  # tests: a SIGKILL lands mid-write
-        print(f"checkpoint step {step}: paused while writing", flush=True)
-        time.sleep(600)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "data": batches.state_dict(), "world": dist.get_world_size(),
                        "fsdp": isinstance(model, FSDPModule)}, f)
+    dist.barrier()
+    sums = checksums(tmp)
+    if rank == 0:
+        with open(os.path.join(tmp, "checksums.json"), "w") as f:  # written last: it vouches for the others
+            json.dump(sums, f, indent=1)
         os.replace(tmp, final)  # atomic: the checkpoint exists whole or not at all
         for old in checkpoints(cfg.out)[: -cfg.keep]:
             shutil.rmtree(old)
@@ -344,9 +376,52 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(warm, cool)
 
 
-def build(cfg: TrainConfig, device) -> tuple[M.UniWorld, M.Encoders, set[str]]:
+def prepare_out(cfg: TrainConfig) -> str | None:
+    """The run folder: a run already there is continued (--resume) or replaced (--overwrite), never mixed into.
+    -> the newest intact checkpoint to resume from (damaged ones passed over), with the history in metrics.jsonl
+    trimmed to its step; None to start at step 0."""
+    metrics, found = os.path.join(cfg.out, "metrics.jsonl"), checkpoints(cfg.out)
+    if not cfg.resume and (found or os.path.isfile(metrics)) and not cfg.overwrite:
+        raise ValueError(f"--out {cfg.out} already holds a run: continue it with --resume, or pass another --out "
+                         f"(or --overwrite to delete it)")
+    dist.barrier()  # every rank has looked before anything is deleted or written
+    if cfg.overwrite and not cfg.resume and dist.get_rank() == 0:
+        shutil.rmtree(os.path.join(cfg.out, "checkpoints"), ignore_errors=True)
+        if os.path.isfile(metrics):
+            os.remove(metrics)
+    os.makedirs(cfg.out, exist_ok=True)
+    resume_from, start = None, 0
+    for path in reversed(found if cfg.resume else []):  # newest first
+        if intact(path):
+            resume_from = path
+            with open(os.path.join(path, "state.json")) as f:
+                start = json.load(f)["step"]
+            break
+        log.warning("%s is damaged (its files do not match its checksums.json): kept as damaged-*, trying the one "
+                    "before", path)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            os.replace(path, tempfile.mkdtemp(prefix=f"damaged-{os.path.basename(path)}-", dir=os.path.dirname(path)))
+    if cfg.resume and found and resume_from is None:
+        raise ValueError(f"--resume: no intact checkpoint under {cfg.out}/checkpoints; start afresh with --overwrite")
+    if dist.get_rank() == 0 and os.path.isfile(metrics):  # the history up to the step we continue from
+        kept = []
+        with open(metrics) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start:
+                        kept.append(line)
+                except (ValueError, KeyError):  # a line torn by a kill mid-write
+                    log.warning("metrics.jsonl: dropped a torn line (%r)", line[:60])
+        with open(metrics, "w") as f:
+            f.writelines(kept)
+    dist.barrier()
+    return resume_from
+
+
+def build(cfg: TrainConfig, device, models: dict) -> tuple[M.UniWorld, M.Encoders, set[str]]:
     """The preset's models; --init and --redux weights; the stage's trainable set; FSDP2; encoders on the device."""
-    model, encoders = MODELS[cfg.model](cfg, device)
+    model, encoders = models[cfg.model](cfg, device)
     if cfg.init:
         init_from_run(model, cfg.init, cfg.init_ema)
     elif cfg.stage == 2:
@@ -357,37 +432,43 @@ def build(cfg: TrainConfig, device) -> tuple[M.UniWorld, M.Encoders, set[str]]:
         raise ValueError("stage 2 initialises the siglip_projector from FLUX Redux: pass --redux "
                          "flux-redux-siglipv2-512.bin (UniWorld-V1 README) or a Redux .safetensors")
     trainable = set(M.set_stage(model, cfg.stage))
+    for name, p in model.named_parameters():
+        if cfg.freeze and re.match(cfg.freeze, name):
+            p.requires_grad_(False)
+            trainable.discard(name)
     shard(model, cfg, device)
+    if cfg.compile:  # in place: parameter names stay as they are (checkpoints, EMA, export)
+        model.denoiser.compile(dynamic=True)  # dynamic: text streams change length from batch to batch
     for part in (encoders.vlm, encoders.siglip, encoders.ae, encoders.clip):
         if part is not None:
             part.to(device).eval().requires_grad_(False)
     return model, encoders, trainable
 
 
-def train(cfg: TrainConfig, device) -> None:
+def train(cfg: TrainConfig, device, models: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    resume_from = prepare_out(cfg)
     if rank == 0:
         print("TrainConfig\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items()), flush=True)
-        os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
 
     # models and data (the edit-mask weights live on the autoencoder's latent grid)
-    model, encoders, trainable = build(cfg, device)
-    data = EditData(cfg.data, cfg.resolution, cfg.buckets, cfg.weighting, encoders.ae.factor)
+    model, encoders, trainable = build(cfg, device, models)
+    data = EditData(cfg.data, cfg.resolution, cfg.buckets, cfg.weighting, encoders.ae.factor, encoders.vlm.pixels)
     check_bad(data.bad_records, len(data.records) + data.bad_records, cfg.max_bad, "records", min_seen=0)
-    pooled = encoders.pooled([""], model.denoiser.config.vec_in_dim).to(device)  # training: CLIP("") (§1.3)
+    pooled = encoders.pooled([""], model.denoiser.config.vec_in_dim).to(device)  # training: CLIP(""), official
     if cfg.cache:
         fingerprint = {k: getattr(cfg, k) for k in ("resolution", "buckets", "weighting", "model", "vlm")}
         fingerprint.update(data=os.path.abspath(cfg.data), siglip=cfg.siglip if cfg.stage != 1 else None,
-                           seed=cfg.seed if cfg.model != "flux" else None)  # random presets: seeded encoders
+                           seed=cfg.seed if cfg.model == "tiny" else None)  # tiny's encoders come from the seed
         build_cache(data, encoders, device, cfg.cache, fingerprint, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     qk = {p for n, p in model.named_parameters() if n.endswith(("query_norm.scale", "key_norm.scale"))}
     groups = [[p for p in params if p not in qk], [p for p in params if p in qk]]  # the second: --qk_norm_lr
     opt = torch.optim.AdamW([{"params": groups[0], "lr_mult": 1.0}, {"params": groups[1], "lr_mult": cfg.qk_norm_lr}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            fused=True)  # one kernel for all tensors: the per-tensor loop dominates small steps
+                            fused=True)  # one kernel for all tensors, not a loop over them
     ema = ShardedEMA(model, cfg.ema_decay)
     batches = Batches(data, cfg.batch_size, rank, world, cfg.seed, cfg.workers)
     noise = torch.Generator(device).manual_seed(cfg.seed + rank)  # the loss's sigmas and noise (official seed + rank)
@@ -395,69 +476,78 @@ def train(cfg: TrainConfig, device) -> None:
     counts = {"skipped": 0, "seen": 0}  # this rank's bad samples and all samples drawn
     log.info("%d records (%d bad) in %d buckets; %d trainable tensors (%.2fM parameters) on %d ranks", len(data),
              data.bad_records, len(data.buckets), len(trainable), sum(p.numel() for p in params) / 1e6, world)
-
     start = 0
-    if cfg.resume and checkpoints(cfg.out):
-        start, counts = load_checkpoint(checkpoints(cfg.out)[-1], model, opt, ema, batches, noise, trainable)
+    if resume_from:
+        start, counts = load_checkpoint(resume_from, model, opt, ema, batches, noise, trainable)
     elif cfg.resume:
         log.warning("--resume: no checkpoint under %s, starting from step 0", cfg.out)
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0 and os.path.isfile(metrics_path):  # the history up to the step we continue from
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
     val_samples = data.first_samples(cfg.val_samples)  # fixed validation prompts
 
     stream, bar = iter(batches), tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    loss_sum, n, t0 = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
-    for step in range(start + 1, cfg.steps + 1):
-        batch = encode(next(stream), encoders, device)
-        B = len(batch["features"])
-        counts = {"skipped": counts["skipped"] + batch["skipped"], "seen": counts["seen"] + B + batch["skipped"]}
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg) * group["lr_mult"]
-        loss = model.loss({"latents": batch["latents"], "features": batch["features"],
-                                 "weights": batch["weights"], "pooled": pooled.expand(B, -1)}, noise)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-        loss_sum, n = loss_sum + loss.detach(), n + 1  # no .item() here: that would wait for the GPU every step
-        bar.update(1)
+    loss_sum, n, t0, step = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter(), start
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            batch = encoders.encode(next(stream), device)
+            B = len(batch["features"])
+            counts = {"skipped": counts["skipped"] + batch["skipped"], "seen": counts["seen"] + B + batch["skipped"]}
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg) * group["lr_mult"]
+            loss = model.loss({"latents": batch["latents"], "features": batch["features"],
+                               "weights": batch["weights"], "pooled": pooled.expand(B, -1)}, noise, mu=cfg.shift)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model)
+            loss_sum, n = loss_sum + loss.detach(), n + 1  # no .item() here: that would wait for the GPU every step
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            counted = torch.tensor([counts["skipped"], counts["seen"]], dtype=torch.float64, device=device)
-            totals = torch.cat([loss_sum[None], counted])
-            dist.all_reduce(totals)  # summed over ranks
-            loss_avg, skipped, seen = totals.tolist()
-            check_bad(int(skipped), int(seen), cfg.max_bad)
-            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP2: sharded
-            dt = time.perf_counter() - t0
-            record = {"step": step, "epoch": batches.epoch, "loss": loss_avg / (n * world), "lr": lr_at(step, cfg),
-                      "grad_norm": grad_norm.item(), "steps_per_s": n / dt, "samples_per_s": n * B * world / dt,
-                      "skipped": int(skipped), "bad_records": data.bad_records}
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", skipped=int(skipped))
-            loss_sum, n, t0 = torch.zeros_like(loss_sum), 0, time.perf_counter()
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            validate(cfg, step, model, ema, encoders, val_samples)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                counted = torch.tensor([counts["skipped"], counts["seen"]], dtype=torch.float64, device=device)
+                totals = torch.cat([loss_sum[None], counted])
+                dist.all_reduce(totals)  # summed over ranks
+                loss_avg, skipped, seen = totals.tolist()
+                check_bad(int(skipped), int(seen), cfg.max_bad)
+                grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP2: sharded
+                dt = time.perf_counter() - t0
+                record = {"step": step, "epoch": batches.epoch, "loss": loss_avg / (n * world), "lr": lr_at(step, cfg),
+                          "grad_norm": grad_norm.item(), "steps_per_s": n / dt, "samples_per_s": n * B * world / dt,
+                          "skipped": int(skipped), "bad_records": data.bad_records}
+                if rank == 0:
+                    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", skipped=int(skipped))
+                loss_sum, n, t0 = torch.zeros_like(loss_sum), 0, time.perf_counter()
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                validate(cfg, step, model, ema, encoders, val_samples)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable)
+    except KeyboardInterrupt:
+        bar.close()
+        last = checkpoints(cfg.out)
+        raise Interrupted(f"interrupted at step {step}; the last checkpoint is "
+                          f"{os.path.basename(last[-1]) if last else 'none'}; continue with --resume") from None
     bar.close()
     export(cfg, model, ema, encoders)
 
 
-def main(argv=None) -> None:
-    cfg = parse_args(argv)
+class Interrupted(Exception):
+    """Ctrl-C: said in one line, with where to continue from."""
+
+
+def main(argv=None, presets: dict | None = None) -> None:
+    """Train; `presets` adds models to --model (name -> (cfg, device) -> (UniWorld, Encoders))."""
+    models = {**MODELS, **(presets or {})}
+    cfg = parse_args(argv, models)
     device = setup_distributed()
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING, stream=sys.stderr,
                         format=f"[rank {dist.get_rank()}] %(levelname)s %(name)s: %(message)s")
     try:
-        train(cfg, device)
+        train(cfg, device, models)
+    except (ValueError, OSError, TooMuchBadData, Interrupted) as e:  # the user's to fix: one line, no traceback
+        print(f"train.py: {'' if isinstance(e, Interrupted) else 'error: '}{' '.join(str(e).split())}",
+              file=sys.stderr, flush=True)
+        sys.exit(130 if isinstance(e, Interrupted) else 2)
     finally:
         dist.destroy_process_group()
 

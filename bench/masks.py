@@ -5,12 +5,37 @@ import time
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageChops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, ahead of this file's own folder
 from masks import edit_mask, loss_weights  # noqa: E402
-from tests.test_masks import opencv_edit_mask, opencv_pipeline  # noqa: E402
+
+ELLIPSE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+
+
+def opencv_edit_mask(references, target):
+    """The official get_mask steps 1-4 (difference, closing, components under 30% dropped, intersection), in cv2."""
+    masks = []
+    for ref in references:
+        m = cv2.morphologyEx((np.asarray(ImageChops.difference(ref, target).convert("L")) >= 18).astype(np.uint8),
+                             cv2.MORPH_CLOSE, ELLIPSE) > 0
+        _, labels = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+        small = np.bincount(labels.ravel()) < 0.3 * m.sum()
+        small[0] = False
+        masks.append(m & ~small[labels])
+    return np.logical_and.reduce(masks)
+
+
+def opencv_pipeline(references, target):
+    """Steps 1-7 (edit_mask, max-pool 8, close, log weight) as the official code runs them."""
+    mask = opencv_edit_mask(references, target)
+    pooled = F.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None], kernel_size=8, stride=8)[0].numpy() > 0
+    latent = cv2.morphologyEx(pooled.astype(np.uint8), cv2.MORPH_CLOSE, ELLIPSE) > 0
+    return torch.where(torch.from_numpy(latent), round(np.log2(latent.size / latent.sum()) + 1, 6), 1.0)[None]
 
 CASES = {"object edit": 0.0, "object edit + 0.1% specks": 1e-3, "object edit + 1% specks": 1e-2}
 

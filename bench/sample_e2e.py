@@ -2,7 +2,7 @@
 
     python bench/sample_e2e.py [--steps 28 --size 256 --runs 3] [--weights DIR --flux DIR --siglip DIR]
 
-Without weight flags it times the embedded toy model (assets/toy/) when present, else tiny random models with the
+Without weight flags it times the bundled toy model (assets/toy/); --weights tiny times tiny random models with the
 real interfaces (tiny Qwen2.5-VL and SigLIP, the tiny FLUX and autoencoder presets). The split comes from timers
 around Encoders.features + pooled (encoders), UniWorld.text_stream + velocity (denoiser) and the decode.
 On a busy CPU, set OMP_NUM_THREADS=1: tiny models spend most of their time in thread hand-offs otherwise.
@@ -26,12 +26,11 @@ import sample  # noqa: E402
 
 def tiny_pipeline():
     import flux
-    from encoders import tiny_clip, tiny_siglip, tiny_vlm
+    from encoders import tiny_siglip, tiny_vlm
     from model import Encoders, UniWorld
 
     torch.manual_seed(0)
-    encoders = Encoders(vlm=tiny_vlm(0), siglip=tiny_siglip(0), ae=flux.AutoEncoder(flux.AE_CONFIGS["tiny"]),
-                        clip=tiny_clip(0, hidden=16))
+    encoders = Encoders(vlm=tiny_vlm(0), siglip=tiny_siglip(0), ae=flux.AutoEncoder(flux.AE_CONFIGS["tiny"]))
     return UniWorld(flux.Flux(flux.FLUX_CONFIGS["tiny"]), vlm_dim=64, siglip_dim=32).eval(), encoders
 
 
@@ -53,21 +52,22 @@ def main():
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--size", type=int, default=None, help="output side (default: 1024 real, 32 toy, 64 tiny)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--weights")
+    ap.add_argument("--weights", help="a weights folder or hub id; 'tiny' for random tiny models (default: the toy)")
     ap.add_argument("--flux")
     ap.add_argument("--siglip")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.weights or os.path.isdir(sample.TOY):
-        cli = SimpleNamespace(weights=args.weights, flux=args.flux, siglip=args.siglip, ask=None, offload=False,
-                              vlm_pixels=None, joint_t5=True)
-        model, encoders = sample.load(cli, sample.weight_folders(cli), device, dtype)
-        what = args.weights or "the embedded toy model"
+    if args.weights != "tiny":
+        weights = sample.locate(args.weights or sample.BUNDLED, "--weights")
+        cli = SimpleNamespace(flux=args.flux, siglip=args.siglip, ask=None, offload=False, vlm_pixels=None,
+                              joint_t5=None)
+        model, encoders, _ = sample.load(cli, weights, sample.defaults_of(weights), device, dtype)
+        what = args.weights or "the bundled toy model"
     else:
         model, encoders = tiny_pipeline()
-        what = "tiny random models (no toy model in assets/toy yet)"
-    size = args.size or (1024 if args.weights else 32 if os.path.isdir(sample.TOY) else 64)
+        what = "tiny random models"
+    size = args.size or (1024 if args.weights not in (None, "tiny") else 32 if args.weights is None else 64)
     totals = defaultdict(float)
     timer(totals, "encoders", encoders, "features")
     timer(totals, "encoders", encoders, "pooled")

@@ -1,10 +1,10 @@
 """Training throughput of train.py, with and without the encoder cache, on 1 process and under torchrun (CPU or GPUs).
 
-    python bench/train_step.py [--model tiny|toy|mid] [--nproc 1 2] [--steps 20] [--batch 8] [--workers 0]
+    python bench/train_step.py [--model tiny|toy|mid] [--nproc 1 2] [--steps 20] [--batch 8] [--workers 0] [--compile]
 
-tiny: the random tiny models at 64², stages 1 and 2, batch 1 per rank, on tests/test_data.py's small dataset.
-toy: the toy world's stage 0 (toy.py: the whole denoiser from scratch, what most of its recipe runs), 32², --batch
-pairs per rank (8), on a toy dataset of 30 batches.
+tiny: the random tiny models at 64², stages 1 and 2, batch 1 per rank, on a small toy data set.
+toy: the toy world's stage 0 (toy.py: the whole denoiser from scratch, what most of its recipe runs) through
+`toy.py stage` (train.main with the toy preset), 32², --batch pairs per rank (8), on a toy data set of 30 batches.
 mid: the tiny encoders with a mid-size FLUX (bench/flux_forward.py's: hidden 512, 4 double + 8 single blocks, 71M
 parameters), 256² (256 image tokens), stages 1 and 2, batch 1 per rank; this script is then torchrun's entry point
 too, adding the preset to train.MODELS. Each setting is one train.py run; the table has the median
@@ -25,7 +25,6 @@ import flux  # noqa: E402
 import model as M  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
-from tests.test_data import make_dataset  # noqa: E402
 
 MID = flux.FluxConfig(vec_in_dim=16, context_in_dim=512, hidden_size=512, num_heads=8, depth=4, depth_single_blocks=8,
                       axes_dim=(8, 28, 28))
@@ -44,16 +43,19 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8, help="toy: pairs per rank and step")
     ap.add_argument("--workers", type=int, default=0, help="data loader processes per rank")
+    ap.add_argument("--compile", action="store_true", help="train.py --compile")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        toy.make_dataset(os.path.join(tmp, "data"), n_train=30 * args.batch, n_test=6)
+        data_txt = os.path.join(tmp, "data", "train.txt")
         if args.model == "toy":
-            toy.make_dataset(os.path.join(tmp, "data"), n_train=30 * args.batch, n_test=6)
-            data_txt, stages = os.path.join(tmp, "data", "train.txt"), (0,)
+            stages = (0,)
             flags = ["--resolution", "32", "--batch_size", str(args.batch), "--lr", "2e-3", "--qk_norm_lr", "10"]
         else:
-            data_txt, stages = make_dataset(os.path.join(tmp, "data")), (1, 2)
+            stages = (1, 2)
             flags = ["--resolution", "256" if args.model == "mid" else "64", "--batch_size", "1"]
-        entry = ["bench/train_step.py", "--worker"] if args.model == "mid" else ["train.py"]
+        flags += ["--compile"] if args.compile else []
+        entry = {"mid": ["bench/train_step.py", "--worker"], "toy": ["toy.py", "stage"]}.get(args.model, ["train.py"])
         print(f"train.py --model {args.model} {' '.join(flags)}, {args.steps} steps")
         print("| stage | ranks | encoders | steps/s | samples/s |\n|---|---|---|---|---|")
         for stage in stages:

@@ -3,89 +3,13 @@ batches that are deterministic per epoch, disjoint across ranks and resumable mi
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import data as D
-
-GRAY, RED, BLUE = (128, 128, 128), (220, 40, 40), (40, 70, 220)
-
-
-def scene(shapes, size=(64, 64), background=GRAY) -> Image.Image:
-    """Flat shapes on a flat background: ("circle" | "square", colour, (x, y)) with radius 10."""
-    im = Image.new("RGB", size, background)
-    draw = ImageDraw.Draw(im)
-    for kind, color, (x, y) in shapes:
-        (draw.ellipse if kind == "circle" else draw.rectangle)((x - 10, y - 10, x + 10, y + 10), fill=color)
-    return im
-
-
-def record(images, instruction: str) -> dict:
-    """An official JSON record: the images (the last one the target), a human turn and the gpt turn <gen_image>."""
-    return {"image": images, "conversations": [{"from": "human", "value": instruction},
-                                               {"from": "gpt", "value": "<gen_image>"}]}
-
-
-def make_dataset(root) -> str:
-    """A tiny dataset in the official format; returns data.txt. 15 records: 3 malformed, and of the 12 valid ones
-    5 are bad when loaded (records 1, 3, 5, 7, 8: missing, truncated, corrupt, 8x8 image, an edit too small to
-    learn); 7 are good: 4 edits (0, 2, 4, 6: the last a reconstruction) and 3 text-to-image (9, 10, 11)."""
-    img = os.path.join(root, "images")
-    os.makedirs(img, exist_ok=True)
-    save = lambda im, name, **kw: im.save(os.path.join(img, name), **kw) or name
-    circle, blue = scene([("circle", RED, (20, 30))]), scene([("circle", BLUE, (20, 30))])
-    save(circle, "ref.png")
-    good = [record([save(circle, "e0_ref.png"), save(blue, "e0_tgt.png")], "Make the circle blue.\n<image>"),
-            record([save(scene([("square", RED, (40, 40))]), "e1_ref.png"), save(scene([]), "e1_tgt.png")],
-                   "Remove the square <image>"),
-            record(["ref.png", save(scene([("circle", RED, (20, 30)), ("square", BLUE, (50, 20))]), "e2_tgt.png")],
-                   "Add a blue square at the right. <image>"),
-            record(["ref.png", "ref.png"], "Simply reconstruct the original image with no enhancements. <image>")]
-    with open(os.path.join(img, "e0_tgt.png"), "rb") as f:
-        png = f.read()
-    with open(os.path.join(img, "truncated.png"), "wb") as f:
-        f.write(png[: len(png) // 2])
-    with open(os.path.join(img, "corrupt.png"), "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
-    speck = circle.copy()
-    speck.putpixel((60, 60), BLUE)  # 1 pixel of 4096 changed: under masks.py's 0.1%, rejected
-    blue_it = "Make the circle blue. <image>"
-    bad = [record(["missing.png", "e0_tgt.png"], blue_it), record(["ref.png", "truncated.png"], blue_it),
-           record(["corrupt.png", "e0_tgt.png"], blue_it),
-           record(["ref.png", save(scene([], size=(8, 8)), "tiny.png")], blue_it),
-           record(["ref.png", save(speck, "speck.png")], blue_it)]
-    edits = [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3], bad[4],
-             record(["ref.png", "e0_tgt.png"], "Two markers <image> <image>"),  # malformed: 3 markers, 2 images
-             {"image": ["e0_tgt.png"]},  # malformed: no conversations
-             record(["ref.png", "e0_tgt.png"], "no marker")]  # malformed: 1 marker for 2 images
-    palette = scene([("square", BLUE, (30, 30))]).convert("P")  # colour modes other than RGB are converted
-    t2i = [record(save(scene([("circle", RED, (32, 32))], background=(255, 255, 255)), "t0.png"),
-                  "A red circle on a white background."),  # "image" as a str, not a list
-           record(save(palette, "t1.png"), "A blue square."),
-           record(save(exif_rotated(), "t2.jpg", exif=exif_rotated().getexif(), quality=95), "A tall red square.")]
-    for name, recs in (("edit.json", edits), ("t2i.json", t2i)):
-        with open(os.path.join(root, name), "w") as f:
-            json.dump(recs, f)
-    with open(os.path.join(root, "data.txt"), "w") as f:
-        f.write("images,edit.json,true\nimages,t2i.json,false\n")
-    return os.path.join(root, "data.txt")
-
-
-def exif_rotated() -> Image.Image:
-    """Stored 80 wide x 60 high, red on the left; EXIF orientation 6: shown 60 wide x 80 high, red on top."""
-    im = Image.new("RGB", (80, 60), BLUE)
-    ImageDraw.Draw(im).rectangle((0, 0, 39, 59), fill=RED)
-    im.getexif()[0x0112] = 6
-    return im
-
-
-@pytest.fixture(scope="module")
-def data_txt(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
 
 
 def test_records_are_read_and_malformed_ones_counted(data_txt):
@@ -108,12 +32,12 @@ def test_data_txt_errors_say_what_to_do(tmp_path):
 
 def test_samples_bad_ones_skipped_counted_and_replaced(data_txt, caplog):
     ds = D.EditData(data_txt, resolution=64)
-    assert list(ds.buckets) == [(64, 64)] and ds.bad_records == 3
+    assert list(ds.buckets) == [(64, 64, 1), (64, 64, 0)] and ds.bad_records == 3  # edits, text to image
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="data"):
         samples = [ds[i] for i in range(len(ds))]
-    # a bad sample is replaced by the next good one of its bucket, and counted
-    assert [s["index"] for s in samples] == [0, 2, 2, 4, 4, 6, 6, 9, 9, 9, 10, 11]
+    # a bad sample is replaced by the next good one of its bucket (same size, same number of references), counted
+    assert [s["index"] for s in samples] == [0, 2, 2, 4, 4, 6, 6, 0, 0, 9, 10, 11]
     assert [s["skipped"] for s in samples] == [0, 1, 0, 1, 0, 1, 0, 2, 1, 0, 0, 0]
     reasons = [r.getMessage() for r in caplog.records]
     assert len(reasons) == 6  # one line per skip
@@ -125,6 +49,29 @@ def test_samples_bad_ones_skipped_counted_and_replaced(data_txt, caplog):
     assert (samples[6]["weights"] == 1).all()  # reconstruction: nothing changed
     assert (samples[9]["weights"] == 1).all() and samples[9]["references"] == []  # text to image
     assert len(samples[0]["references"]) == 1 and samples[0]["references"][0].mode == "RGB"
+
+
+def test_unreadable_json_files_and_odd_records_are_skipped_and_counted(tmp_path, caplog):
+    """A JSON file cut in half, one that is not UTF-8, and a record whose "image" is a number: each skipped with a
+    warning that names it, counted; the good file still read."""
+    good = {"image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "Make it red <image>"},
+                                                           {"from": "gpt", "value": "<gen_image>"}]}
+    (tmp_path / "good.json").write_text(json.dumps([good, {**good, "image": 5}]))
+    (tmp_path / "cut.json").write_text(json.dumps([good] * 3)[:150])
+    (tmp_path / "latin1.json").write_bytes(json.dumps([{**good, "note": "caf\u00e9"}], ensure_ascii=False)
+                                           .encode("latin-1"))
+    (tmp_path / "data.txt").write_text("\n".join(f"images,{n}.json,true" for n in ("good", "cut", "latin1")) + "\n")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        records, bad = D.read_data_txt(str(tmp_path / "data.txt"))
+    assert (len(records), bad) == (1, 3)
+    assert "record 1 of" in caplog.text and "'image' must be a path" in caplog.text
+    assert "cut.json" in caplog.text and "latin1.json" in caplog.text
+
+
+def test_an_image_qwen_cannot_take_is_a_bad_sample(tmp_path):
+    Image.new("RGB", (4020, 16)).save(tmp_path / "banner.png")  # aspect ratio 251: Qwen2.5-VL refuses it
+    with pytest.raises(D.BadSample, match="banner.png.*aspect ratios up to 200"):
+        D.open_image(str(tmp_path / "banner.png"))
 
 
 def test_first_samples_are_the_first_good_ones(data_txt):
@@ -182,13 +129,12 @@ def test_batches_same_size_deterministic_disjoint_and_resumable(data_txt):
 
 
 class FakeEncoders:
-    """Stands in for model.Encoders: 'features' from the instruction, 'latents' from every 8th pixel."""
+    """Stands in for model.Encoders.encode: 'features' from the instruction, 'latents' from every 8th pixel."""
 
-    class ae:
-        encode = staticmethod(lambda pixels: pixels[:, :, ::8, ::8])
-
-    def features(self, instructions, references):
-        return [{"vlm": torch.full((len(t), 2), float(len(r)))} for t, r in zip(instructions, references, strict=True)]
+    def encode(self, batch, device):
+        features = [{"vlm": torch.full((len(t), 2), float(len(r)))}
+                    for t, r in zip(batch["instruction"], batch["references"], strict=True)]
+        return {**batch, "features": features, "latents": batch["pixels"][:, :, ::8, ::8]}
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])  # 3: chunks of several samples, bad ones among them
@@ -204,10 +150,23 @@ def test_cache_gives_the_same_samples_and_checks_its_fingerprint(data_txt, tmp_p
         assert (c["index"], c["skipped"], c["instruction"]) == (f["index"], f["skipped"], f["instruction"])
         assert torch.equal(c["latents"], f["pixels"][:, ::8, ::8]) and torch.equal(c["weights"], f["weights"])
         assert c["features"]["vlm"].shape == (len(f["instruction"]), 2)
-    batch = D.encode(D.collate(cached[:2]), None, "cpu")  # cached batches need no encoder
+    batch = D.collate(cached[:2])  # a cached batch is what the encoders would give: no encoder runs
     assert batch["latents"].shape == (2, 3, 8, 8) and len(batch["features"]) == 2
     with pytest.raises(ValueError, match="was built for"):
         D.build_cache(ds, FakeEncoders(), "cpu", str(tmp_path / "cache"), {"v": 2})
+
+
+def test_any_11ratio_sizes():
+    # docs/official.md §8.2, at the 1024² anchor, for landscape inputs (h x w)
+    for (h, w), expected in {(768, 1024): (864, 1152), (1000, 1000): (1024, 1024), (600, 900): (832, 1248),
+                             (720, 1280): (864, 1536), (800, 1000): (896, 1120)}.items():
+        assert D.dynamic_resize(h, w) == expected
+        assert D.dynamic_resize(w, h) == expected[::-1]  # portrait: the transpose
+    assert D.dynamic_resize(480, 640, area=512 * 512) == (480, 640)  # 4:3 block 96x128, scale round(4.6) = 5
+    assert D.dynamic_resize(9, 16, area=16) == (288, 512)  # below one 32-px block: one block, not 0
+    for area in (256**2, 777**2, 1024**2, 1536**2):
+        for h, w in ((3000, 2000), (512, 513), (100, 170), (17, 5)):
+            assert all(s % 32 == 0 and s > 0 for s in D.dynamic_resize(h, w, area))
 
 
 def test_to_pixels_range():

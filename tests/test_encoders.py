@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import Qwen2_5_VLProcessor, SiglipConfig, SiglipModel
+from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, SiglipConfig, SiglipModel
 from transformers.processing_utils import ProcessorMixin
 
 from encoders import (
@@ -20,9 +20,8 @@ from encoders import (
     load_siglip,
     load_t5,
     load_vlm,
-    tiny_clip,
+    qwen_input_size,
     tiny_siglip,
-    tiny_t5,
     tiny_vlm,
 )
 
@@ -87,13 +86,42 @@ def test_train_tokens_match_hf_processor(vlm):
     assert pads == (grids[:2].prod(-1) // 4).tolist()  # N = grid.prod() / merge² per image, in order
     assert vlm.tokenizer.decode(ids).endswith("<|im_end|>\n<|im_start|>assistant\n<|vision_start|>")
     assert (ids == vlm.vision_end_id).sum() == 2
-    # the reference: HF's Qwen2_5_VLProcessor expanding the same one-pad prompts
-    proc = ImageOnlyProcessor(vlm.image_processor, vlm.tokenizer)
+    # the reference: qwen_vl_utils' fetch_image (PIL bicubic at factor 56), then HF's Qwen2_5_VLProcessor with the
+    # checkpoint's default bounds, expanding the same one-pad prompts (docs/official.md §3.2)
+    proc = ImageOnlyProcessor(Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384), vlm.tokenizer)
     texts = [vlm.prompt(t, len(i)) for t, i in zip(instructions, images, strict=True)]
-    ref = proc(text=texts, images=[im for ims in images for im in ims], padding=True, padding_side="left",
-               return_tensors="pt")
+    resized = [im.resize(qwen_input_size(im.width, im.height, training=True, pixels=vlm.pixels)[::-1], Image.BICUBIC)
+               for ims in images for im in ims]
+    ref = proc(text=texts, images=resized, padding=True, padding_side="left", return_tensors="pt")
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
         assert torch.equal(batch[key], ref[key]), key
+
+
+# (reference W, H) -> Qwen's input (H, W) in official training and inference: facts computed by running the official
+# code (docs/official.md §3.4), not by this project's code
+QWEN_SIZES = [((512, 512), (448, 448), (448, 448)), ((1024, 1024), (448, 448), (448, 448)),
+              ((768, 512), (336, 504), (392, 560)), ((512, 768), (504, 336), (560, 392)),
+              ((1024, 576), (336, 560), (364, 616)), ((576, 1024), (560, 336), (616, 364)),
+              ((640, 480), (336, 504), (392, 532)), ((1280, 720), (336, 560), (364, 616)),
+              ((333, 500), (560, 392), (532, 364)), ((2000, 300), (168, 1120), (196, 1176)),
+              ((300, 2000), (1120, 168), (1176, 196)), ((1000, 1001), (448, 392), (476, 448))]
+
+
+@pytest.mark.parametrize("size, training, inference", QWEN_SIZES)
+def test_qwen_input_size_is_the_official_one(size, training, inference):
+    assert qwen_input_size(*size, training=True) == training
+    assert qwen_input_size(*size, training=False) == inference
+
+
+def test_qwen_token_counts_end_to_end():
+    """A 768x512 reference: 216 image tokens in training, 280 at inference, as in the official code."""
+    vlm = tiny_vlm(seed=0)
+    vlm.pixels = 448 * 448
+    for train, tokens in ((True, 216), (False, 280)):
+        batch = vlm.tokenize(["Make it red" + ("\n<image>" if train else "")], [[image(512, 768, 0)]], train)
+        assert (batch["input_ids"] == vlm.image_pad_id).sum() == tokens
+    with pytest.raises(ValueError, match="aspect ratios up to 200"):
+        qwen_input_size(2010, 10, training=False)
 
 
 def test_words_are_single_tokens(vlm):
@@ -131,7 +159,8 @@ def test_left_padding_matches_single_samples(vlm, with_images):
         torch.testing.assert_close(hidden[b, mask[b].bool()], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_encoders_are_frozen(vlm):
+def test_encoders_are_frozen(vlm, text_encoders):
+    tiny_clip, tiny_t5, _ = text_encoders
     siglip = tiny_siglip()
     for enc in (vlm, siglip, tiny_clip(), tiny_t5()):
         enc.train()  # a parent's .train() must not unfreeze them
@@ -142,9 +171,14 @@ def test_encoders_are_frozen(vlm):
         assert not siglip([image(64, 64, 0)]).requires_grad
 
 
-def test_answer_returns_string(vlm):
-    assert isinstance(vlm.answer("What is this?", [image(64, 64, 7)], max_new_tokens=3), str)
-    assert isinstance(vlm.answer("Hello", max_new_tokens=3), str)
+def test_answer_is_greedy_generation_after_the_inference_prompt(vlm):
+    """Understanding mode (app.py): plain Qwen2.5-VL, greedy from the inference prompt, decoded without specials."""
+    img = image(64, 64, 7)
+    batch = vlm.tokenize(["What is this?"], [[img]], train=False)
+    assert vlm.tokenizer.decode(batch["input_ids"][0]).endswith("<|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+    new = vlm.model.generate(**batch, max_new_tokens=3, do_sample=False)[0, batch["input_ids"].shape[1] :]
+    assert len(new) == 3 and new[0] == vlm.model(**batch).logits[0, -1].argmax()  # the most likely next token
+    assert vlm.answer("What is this?", [img], max_new_tokens=3) == vlm.tokenizer.decode(new, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,8 +199,8 @@ def test_siglip_preprocess_and_output():
     assert siglip([]).shape == (0, 16, 32)  # text-to-image: no reference images
 
 
-def test_clip_pooled_is_eos_hidden_state():
-    clip = tiny_clip(hidden=32)
+def test_clip_pooled_is_eos_hidden_state(text_encoders):
+    clip = text_encoders[0](hidden=32)
     pooled = clip(["", "a red car"])
     assert pooled.shape == (2, 32)
     ids = clip.tokenizer(["", "a red car"], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
@@ -182,8 +216,8 @@ def test_zero_pooled_fallback(caplog):
     assert torch.equal(clip(["", ""]), torch.zeros(2, 768))
 
 
-def test_t5_is_unmasked_and_padded():
-    t5 = tiny_t5(d_model=32, max_length=16)
+def test_t5_is_unmasked_and_padded(text_encoders):
+    t5 = text_encoders[1](d_model=32, max_length=16)
     out = t5(["a red car", "a much longer prompt"])
     assert out.shape == (2, 16, 32)
     tok = t5.tokenizer(["a red car"], padding="max_length", max_length=16, return_tensors="pt")
@@ -196,7 +230,7 @@ def test_t5_is_unmasked_and_padded():
 # loading
 
 
-def test_save_load_round_trips(vlm, tmp_path):
+def test_save_load_round_trips(vlm, tmp_path, text_encoders):
     instructions, images = ["Make the car red.\n<image>"], [[image(70, 90, 10)]]
     vlm.save_pretrained(tmp_path / "qwen")
     loaded = load_vlm(str(tmp_path / "qwen"), pixels=vlm.pixels)
@@ -204,16 +238,17 @@ def test_save_load_round_trips(vlm, tmp_path):
     siglip = tiny_siglip()
     siglip.save_pretrained(tmp_path / "siglip")
     assert torch.equal(siglip(images[0]), load_siglip(str(tmp_path / "siglip"))(images[0]))
+    tiny_clip, tiny_t5, save_text_encoders = text_encoders
     clip, t5 = tiny_clip(), tiny_t5()
-    clip.save_pretrained(tmp_path / "flux")  # text_encoder/ + tokenizer/
-    t5.save_pretrained(tmp_path / "flux")  # text_encoder_2/ + tokenizer_2/
+    save_text_encoders(tmp_path / "flux", clip, t5)  # text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/
     prompts = ["a red car", ""]
     assert torch.equal(clip(prompts), load_clip(str(tmp_path / "flux"))(prompts))
     assert torch.equal(t5(prompts), load_t5(str(tmp_path / "flux"), max_length=t5.max_length)(prompts))
 
 
 def test_loads_univa_release_folder(vlm, tmp_path, caplog):
-    """§2.2-2.3: a flat transformers-4.50 config with model_type univa_qwen2p5vl, legacy keys, denoise_tower.* keys."""
+    """docs/official.md §10.1: a flat transformers-4.50 config with model_type univa_qwen2p5vl, legacy keys,
+    denoise_tower.* keys."""
     config = vlm.model.config.to_dict()
     text = config.pop("text_config")
     flat = {**{k: v for k, v in text.items() if k not in ("model_type", "rope_parameters")}, **config}

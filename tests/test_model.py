@@ -1,7 +1,6 @@
 """model.py: the condition stream token by token, the weighted rectified-flow loss, the stages (also at full size on
 the meta device), and the release layout round trip."""
 
-import json
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ def test_condition_stream_layout(world):
     instr = ["Make the car red.\n<image>", "Blend these <image> and <image> into one picture"]
     feats = enc.features(instr, [images(1), images(2, seed=1)])
     with torch.no_grad():
-        txt = uw.text_stream(feats)
+        txt, mask = uw.text_stream(feats)
     lengths = []
     for b, f in enumerate(feats):
         n_img, T = f["siglip"].shape[:2]
@@ -48,6 +47,7 @@ def test_condition_stream_layout(world):
         row = txt[b, txt.shape[1] - len(expected) :]
         assert torch.equal(row, expected)
         assert (txt[b, : txt.shape[1] - len(expected)] == 0).all()  # left padding with zeros
+        assert mask[b].tolist() == [False] * (txt.shape[1] - len(expected)) + [True] * len(expected)
         # the token after each inserted block is the projected <|vision_end|> hidden state
         for j, end in enumerate(f["vision_end"].tolist()):
             pos = txt.shape[1] - len(expected) + end + (j + 1) * T
@@ -62,7 +62,7 @@ def test_a_sample_without_images_has_no_siglip_block_whatever_its_batch(world):
     assert feats[0]["siglip"] is None and enc.features(["A red car"], [[]])[0]["siglip"] is None
     assert feats[1]["siglip"].shape[0] == 1
     with torch.no_grad():
-        txt, vlm = uw.text_stream(feats), uw.denoise_projector(feats[0]["vlm"])
+        (txt, _), vlm = uw.text_stream(feats), uw.denoise_projector(feats[0]["vlm"])
     assert torch.equal(txt[0, txt.shape[1] - len(vlm) :], vlm) and (txt[0, : txt.shape[1] - len(vlm)] == 0).all()
 
 
@@ -70,11 +70,41 @@ def test_text_ids_are_zero_so_token_order_does_not_matter(world):
     enc, uw = world
     feats = enc.features(["Make it blue <image>"], [images(1)])
     with torch.no_grad():
-        txt = uw.text_stream(feats)
+        txt, mask = uw.text_stream(feats)
+        assert mask is None  # one sample: nothing padded
         x, sigma, y = torch.randn(1, 16, 8, 8), torch.tensor([0.5]), torch.randn(1, 16)
         v = uw.velocity(x, sigma, txt, y, guidance=1.0)
         v_perm = uw.velocity(x, sigma, txt[:, torch.randperm(txt.shape[1])], y, guidance=1.0)
     assert torch.allclose(v, v_perm, atol=1e-5)
+
+
+def test_a_batch_changes_nothing(world):
+    """Batch invariance: prompts of different lengths and image counts, batched (their text streams left-padded to
+    the longest) give each sample the velocity and the loss it has alone; without the padding mask they would not."""
+    enc, uw = world
+    instr = ["A red car", "Make it blue <image>", "Blend these <image> and <image> into one picture"]
+    feats = enc.features(instr, [[], images(1), images(2, seed=1)])
+    g = torch.Generator().manual_seed(0)
+    x, sigma, y = torch.randn(3, 16, 8, 8, generator=g), torch.tensor([0.2, 0.5, 0.9]), torch.randn(3, 16, generator=g)
+    with torch.no_grad():
+        txt, mask = uw.text_stream(feats)
+        assert len(set(mask.sum(1).tolist())) == 3  # three lengths: two samples padded
+        v = uw.velocity(x, sigma, txt, y, 3.5, mask)
+        unmasked = uw.velocity(x, sigma, txt, y, 3.5)
+        for i, f in enumerate(feats):
+            txt_i, mask_i = uw.text_stream([f])
+            assert mask_i is None and torch.equal(txt_i[0], txt[i, txt.shape[1] - len(txt_i[0]) :])
+            alone = uw.velocity(x[i : i + 1], sigma[i : i + 1], txt_i, y[i : i + 1], 3.5)
+            assert (v[i] - alone[0]).abs().max() <= 1e-5
+            if i < 2:  # padded: attending to the padding changes the output
+                assert (unmasked[i] - alone[0]).abs().max() > 1e-3
+        batch = {"latents": torch.randn(3, 16, 8, 8, generator=g), "features": feats, "pooled": y,
+                 "weights": 1 + torch.rand(3, 1, 8, 8, generator=g)}
+        noise = torch.randn(3, 16, 8, 8, generator=g)
+        batched = uw.loss(batch, sigma=sigma, noise=noise)
+        alone = [uw.loss({k: v[i : i + 1] for k, v in batch.items()}, sigma=sigma[i : i + 1], noise=noise[i : i + 1])
+                 for i in range(3)]
+    assert batched.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5)  # equal sizes: the mean
 
 
 def test_weighted_mse_matches_hand_computation():
@@ -144,23 +174,19 @@ def test_full_size_trainable_counts_on_meta():
     assert count() == 4_104_933_632
 
 
-def test_full_size_release_keys_on_meta():
+def test_full_size_release_keys_on_meta(official_keys):
     """Our export of the denoise tower has exactly the release's denoise_tower.* names and shapes."""
-    from tests.test_flux import KEYS
-
     with torch.device("meta"):
         uw = M.UniWorld(flux.Flux(flux.FLUX_CONFIGS["flux-dev"]), vlm_dim=3584, siglip_dim=1152)
         ours = {k: tuple(v.shape) for k, v in M.release_state_dict(uw).items()}
-    rows = (line.rstrip("\n").split("\t") for line in open(KEYS / "uniworld-v1.tsv").readlines()[1:])
-    release = {k: tuple(json.loads(s)) for k, s in rows if k.startswith("denoise_tower.")}
-    assert ours == release
+    assert ours == {k: v for k, v in official_keys("uniworld-v1.tsv").items() if k.startswith("denoise_tower.")}
 
 
 def test_release_round_trip(world, tmp_path):
     enc, uw = world
     M.save_release(uw, str(tmp_path), vlm=enc.vlm, shard_bytes=200_000)  # several shards, as in the release
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    st = flux.Safetensors(flux.safetensors_files(str(tmp_path)))
+    st = flux.Checkpoint(str(tmp_path))
     assert any(k.startswith("visual.") for k in st.keys) and any(k.startswith("model.layers.") for k in st.keys)
     assert "denoise_tower.denoiser.transformer_blocks.0.attn.to_q.weight" in st.keys
     loaded, vlm = M.load_uniworld(str(tmp_path), vlm_pixels=enc.vlm.pixels)
@@ -168,7 +194,7 @@ def test_release_round_trip(world, tmp_path):
     feats2 = M.Encoders(vlm=vlm, siglip=enc.siglip).features(["Make it blue <image>"], [images(1)])
     assert torch.allclose(feats[0]["vlm"], feats2[0]["vlm"], atol=1e-6)
     with torch.no_grad():
-        txt, txt2 = uw.text_stream(feats), loaded.text_stream(feats)
+        (txt, _), (txt2, _) = uw.text_stream(feats), loaded.text_stream(feats)
         x, s, y = torch.randn(1, 16, 8, 8), torch.tensor([0.3]), torch.randn(1, 16)
         assert torch.equal(txt, txt2)
         assert torch.equal(uw.velocity(x, s, txt, y, 3.5), loaded.velocity(x, s, txt, y, 3.5))
@@ -192,3 +218,27 @@ def test_bad_release_and_redux_files(world, tmp_path):
     save_file({"foo": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="expected redux_up"):
         M.load_siglip_projector(uw, str(tmp_path / "other.safetensors"))
+    save_file({**redux, "redux_up.weight": torch.randn(96, 33)}, tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError, match=r"shape.safetensors: .*size mismatch for 0.weight"):
+        M.load_siglip_projector(uw, str(tmp_path / "shape.safetensors"))
+    torch.save({"0.weight": Payload(str(tmp_path / "pwned"))}, tmp_path / "evil.bin")  # a pickle that runs code
+    with pytest.raises(ValueError, match="evil.bin: not a weights file that loads safely"):
+        M.load_siglip_projector(uw, str(tmp_path / "evil.bin"))
+    assert not (tmp_path / "pwned").exists()
+    sd = {k: v.contiguous() for k, v in M.release_state_dict(uw).items()}  # a connector tensor of the wrong shape
+    sd["denoise_tower.denoise_projector.2.weight"] = torch.zeros(32, 7)
+    save_file(sd, tmp_path / "model-00001-of-00001.safetensors")
+    with pytest.raises(ValueError, match="size mismatch for denoise_projector.2.weight"):
+        M.load_uniworld(str(tmp_path), with_vlm=False)
+
+
+class Payload:
+    """What a malicious .bin carries: unpickling it would call os.system."""
+
+    def __init__(self, path="pwned"):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.path}",)

@@ -10,7 +10,6 @@ from PIL import Image
 
 import data
 import flux
-import model as M
 import toy
 from encoders import tiny_vlm
 
@@ -144,11 +143,15 @@ def test_dit_init_makes_every_block_the_identity_and_the_output_zero():
     assert all(p.grad is not None for p in gates)  # zero until the output layer moves, but connected
 
 
-def test_pixel_autoencoder_round_trip_and_token_grid():
+def test_pixel_autoencoder_round_trip_token_grid_and_folder(tmp_path):
     x = torch.rand(2, 3, toy.SIZE, toy.SIZE) * 2 - 1
-    z = toy.PixelAE().encode(x)
-    assert z.shape == (2, 12, 16, 16) and torch.equal(toy.PixelAE().decode(z), x)
+    ae = flux.PixelUnshuffle(2)
+    z = ae.encode(x)
+    assert z.shape == (2, 12, 16, 16) and torch.equal(ae.decode(z), x)
     assert flux.pack(z).shape == (2, 64, toy.toy_flux_config().in_channels)  # one token per SigLIP token
+    flux.save_autoencoder(ae, str(tmp_path / "vae"))  # a weights folder names it; load_autoencoder builds it
+    again = flux.load_autoencoder(str(tmp_path))
+    assert isinstance(again, flux.PixelUnshuffle) and again.factor == 2
 
 
 def test_metrics_on_known_outputs():
@@ -183,83 +186,72 @@ def test_psnr_and_palette_classification():
     assert toy.classify(noisy)[0, 0] == list(toy.COLORS).index("blue")
 
 
-def test_reference_latents_ablation_puts_the_reference_in_the_image_stream():
-    """Ablation 2: the reference's pixel latents ride in the features and change the velocity; t2i gets zeros."""
-    torch.manual_seed(0)
-    model = toy.ReferenceLatents.of(M.UniWorld(flux.Flux(toy.toy_flux_config()), 64, 140)).eval()
-    enc = toy.ReferenceEncoders(toy.toy_vlm(), toy.toy_siglip(), toy.PixelAE())
-    rng = np.random.default_rng(0)
-    refs = [Image.fromarray(toy.make_sample(rng, "recolor")["refs"][0]) for _ in range(2)]
-    feats = enc.features(["make the red circle at the top left blue\n<image>"] * 2
-                         + ["a red circle at the top left on black"], [[refs[0]], [refs[1]], []])
-    assert torch.equal(feats[0]["ref"], toy.PixelAE().encode(toy.to_tensor([np.asarray(refs[0])]))[0])
-    assert not feats[2]["ref"].any()
-    x, sigma, y = torch.randn(3, 12, 16, 16), torch.full((3,), 0.5), torch.zeros(3, 16)
-    with torch.no_grad():
-        v = model.velocity(x, sigma, model.text_stream(feats), y, 1.0)
-        feats[0]["ref"] = feats[1]["ref"]
-        v2 = model.velocity(x, sigma, model.text_stream(feats), y, 1.0)
-    assert v.shape == x.shape and not torch.allclose(v[0], v2[0]) and torch.equal(v[1:], v2[1:])
-
-
 def test_recipe_through_train_py_learns_and_samples(tmp_path):
     """CI's shortened toy training: the four train.py runs of the recipe at 1% of their steps; the stage-0 loss
-    falls, every stage exports a model sample.py loads, the held-out evaluation and bench/toy_probe.py's attention
-    probe run on it (~1 min)."""
+    falls, every stage exports a weights folder that sample.py loads like the release, and the held-out evaluation
+    runs on it."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
     toy.make_dataset(root, n_train=120, n_test=12, seed=0)
-    toy.train(root, run, scale=0.01)  # 40 copy steps, 360 mix steps (the last 54 decaying), 5 + 10 in s1, s2
+    toy.train(root, run, flags="--no-compile", scale=0.01, threads=1, read=0)  # compiling: longer than training
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
     assert len(losses) == -(-steps // 50) and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
     for stage in ("s0-copy", "s0", "s1", "s2"):
-        assert os.path.isfile(os.path.join(run, stage, "ema", "toy.json"))
+        assert os.path.isfile(os.path.join(run, stage, "ema", "sample.json"))
     rows = toy.evaluate_folder(os.path.join(run, "s2", "ema"), root, show=False)
     assert set(rows) == set(toy.TASKS) and all(r["n"] == 2 for r in rows.values())
-    from bench.toy_probe import attention_probe
-
-    model, encoders, _ = toy.load_toy(os.path.join(run, "s2", "ema"))
-    refs = [r["refs"][0] for r in toy.load_records(root, "test") if r["refs"]][:3]
-    probe, attention = attention_probe(model, encoders, refs, sigma=0.5), flux.attention
-    assert [name for name, _ in probe] == ["d0", "d1", "s0", "s1"] and flux.attention is attention  # restored
-    for _, row in probe:  # (heads, 3): own-position SigLIP token <= all SigLIP tokens; SigLIP + VLM <= 1
-        assert row.shape == (2, 3) and (row >= 0).all() and (row[:, 0] <= row[:, 1] + 1e-6).all()
-        assert (row[:, 1] + row[:, 2] <= 1 + 1e-5).all()
     import sample
 
-    out = str(tmp_path / "edit.png")
-    sample.main(["--weights", os.path.join(run, "s2", "ema"), "--edit", "--image",
-                 os.path.join(run, "s2", "ema", "examples", "edit.png"), "--prompt",
-                 "remove the red circle at the top left",
-                 "--steps", "4", "--guidance", "1", "--height", "32", "--width", "32", "--out", out])
+    out = str(tmp_path / "edit.png")  # the weights folder's own example, size, steps and guidance (sample.json)
+    sample.main(["--weights", os.path.join(run, "s2", "ema"), "--edit", "--out", out])
     assert Image.open(out).size == (toy.SIZE, toy.SIZE)
 
 
 def test_a_focused_run_trains_on_its_tasks_and_the_copies_only(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "RECIPE", ())  # the data selection only, no training
     toy.train(dataset, str(tmp_path), tasks=["recolor"])
-    records, _ = data.read_data_txt(str(tmp_path / "train.txt"))
+    records, _ = data.read_data_txt(str(tmp_path / "mix.txt"))
     assert {r.instruction.split()[0] for r in records} == {"make", "copy"}
 
 
-def test_recipe_flags_and_time_budget(tmp_path, monkeypatch):
-    """--flags reach every stage after the recipe's own (argparse keeps the last); --minutes sizes stage 0 from the
-    copy stage's speed: here a fake clock that advances 10 s per reading and train.py runs that only export."""
+def test_recipe_flags_and_seeds_reach_every_stage(tmp_path, monkeypatch):
+    """--flags go to every stage after the recipe's own (argparse keeps the last), --scale scales steps and
+    cool-down, and `toy.py seeds` runs the recipe once per seed and reports mean and range."""
     runs = []
 
     def fake_run(cmd, check, env):
-        argv = cmd[2:]
+        argv = cmd[3:]
         runs.append(argv)
-        os.makedirs(os.path.join(argv[argv.index("--out") + 1], "ema"))
+        os.makedirs(os.path.join(argv[argv.index("--out") + 1], "ema"), exist_ok=True)
 
-    clock = iter(range(0, 1000, 10))
     monkeypatch.setattr(toy.subprocess, "run", fake_run)
-    monkeypatch.setattr(toy.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(toy, "save_toy", lambda folder, ref_latents: None)
-    toy.train(str(tmp_path / "data"), str(tmp_path / "run"), flags="--batch_size 64", minutes=1.0)
-    assert [a[a.index("--out") + 1].rsplit("/", 1)[1] for a in runs] == ["s0-copy", "s0", "s1", "s2"]
-    assert all(a[-4:-2] == ["--batch_size", "64"] and a.count("--batch_size") == 2 for a in runs)
-    steps = [int(a[a.index("--steps") + 1]) for a in runs]
-    # copies: 4,000 steps in 10 s -> 400 steps/s; stage 0 at 30 s: (60 - 30) s * 400 - (500 + 1,000) = 10,500 steps,
-    # of which the cool-down keeps its share (5,400 of 36,000)
-    assert steps == [4000, 10500, 500, 1000] and runs[1][runs[1].index("--decay") + 1] == "1575"
+    monkeypatch.setattr(toy, "save_toy", lambda folder: None)
+    monkeypatch.setattr(toy, "reads_its_reference", lambda folder, data: 1.0)  # the read formed: no more copies
+    scores = iter([0.9, 0.7, 0.8])
+    monkeypatch.setattr(toy, "evaluate_folder", lambda folder, data, tasks=None, show=False: {
+        "edges": {"success": next(scores), "iou": 0.8}})
+    table = toy.seeds(str(tmp_path / "data"), str(tmp_path / "runs"), 3, flags="--batch_size 64", scale=0.5)
+    assert [a[a.index("--out") + 1].rsplit("/", 2)[1:] for a in runs[:4]] == [["seed0", s] for s in
+                                                                             ("s0-copy", "s0", "s1", "s2")]
+    assert all(a.count("--batch_size") == 2 and a[a.index("--seed") + 1] == str(i // 4) for i, a in enumerate(runs))
+    steps = [int(a[a.index("--steps") + 1]) for a in runs[:4]]
+    assert steps == [s // 2 for s in (toy.steps_of(f) for _, f in toy.RECIPE)]
+    assert table["edges"]["success"] == [0.9, 0.7, 0.8]
+
+
+def test_the_copy_stage_goes_on_until_the_reference_read_forms(tmp_path, monkeypatch):
+    """The gate of the recipe: copies continue (--resume, 1,000 steps at a time) while the probe's strongest
+    own-position read is under toy.READ, then the mix starts."""
+    runs, reads = [], iter([0.1, 0.3, 0.7])
+
+    def fake_run(cmd, check, env):
+        runs.append(cmd[3:])
+        os.makedirs(os.path.join(cmd[cmd.index("--out") + 1], "ema"), exist_ok=True)
+
+    monkeypatch.setattr(toy.subprocess, "run", fake_run)
+    monkeypatch.setattr(toy, "save_toy", lambda folder: None)
+    monkeypatch.setattr(toy, "reads_its_reference", lambda folder, data: next(reads))
+    toy.train(str(tmp_path / "data"), str(tmp_path / "run"))
+    copies = [a for a in runs if a[a.index("--out") + 1].endswith("s0-copy")]
+    assert [int(a[a.index("--steps") + 1]) for a in copies] == [1500, 2500, 3500]
+    assert all("--resume" in a for a in copies) and len(runs) == 3 + 3  # then s0, s1, s2

@@ -6,6 +6,7 @@ one plain one: about 80 s on 2 cores."""
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -22,7 +24,6 @@ import torch
 import data as D
 import model as M
 import train as T
-from tests.test_data import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # batch 1 per rank: 12 batches an epoch (6 per rank), so 8 steps cross an epoch; validation at the last step only
@@ -40,10 +41,10 @@ def torchrun(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, new_dataset):
     """Stage 1 for 8 steps, checkpoints every 3 steps, only the last kept."""
     root = tmp_path_factory.mktemp("train")
-    data_txt = make_dataset(root / "data")
+    data_txt = new_dataset(root / "data")
     torchrun(*COMMON, "--stage", "1", "--data", data_txt, "--out", str(root / "s1"), "--keep", "1")
     return root, data_txt
 
@@ -75,7 +76,7 @@ def tiny_setup(stage: int, data_txt: str, buckets: bool):
                 samples.append({**data.load_images(i), "skipped": 0})
             except D.BadSample:
                 pass
-        batch = D.encode(D.collate(samples), encoders, "cpu")
+        batch = encoders.encode(D.collate(samples), "cpu")
         batches.append({**batch, "pooled": torch.zeros(len(samples), 16)})
     return model, batches
 
@@ -115,6 +116,22 @@ def test_stage1_trains_the_projector_only_and_reports(runs):
     assert fixed_loss(1, raw, data_txt) < fixed_loss(1, before, data_txt) - 1e-3
 
 
+PAUSED = """import sys, time
+sys.path.insert(0, {root!r})
+import train
+save = train.dcp.save
+
+def paused(state, checkpoint_id):  # the tensors written, not yet the RNG states, the checksums or the rename
+    save(state, checkpoint_id=checkpoint_id)
+    if checkpoint_id.endswith("step-00000006"):
+        print("checkpoint step 6: paused while writing", flush=True)
+        time.sleep(600)
+
+train.dcp.save = paused
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.slow
 def test_killed_mid_checkpoint_then_resumed_from_the_cache_equals_the_uninterrupted_run(runs):
     """Run B is run A (tests above) with --cache: it builds the cache, trains from it, and is SIGKILLed while
@@ -123,9 +140,11 @@ def test_killed_mid_checkpoint_then_resumed_from_the_cache_equals_the_uninterrup
     root, data_txt = runs
     args = [*COMMON, "--stage", "1", "--data", data_txt, "--out", str(root / "b"), "--cache", str(root / "cache"),
             "--keep", "2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    script = root / "paused_train.py"  # train.py whose checkpoint write stops half-way at step 6
+    script.write_text(PAUSED.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "UNIWORLD_TEST_PAUSE_AT_CHECKPOINT": "6"})
+                            start_new_session=True)
     watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     paused = any("checkpoint step 6: paused while writing" in line for line in proc.stdout)  # stops at the pause?
@@ -182,24 +201,24 @@ def test_plain_python_is_a_world_of_one(runs, tmp_path):
     assert (state["world"], state["fsdp"]) == (1, False)  # one process in fp32: the plain module, not FSDP2
 
 
-def test_a_plain_run_does_not_resume_an_fsdp_checkpoint(runs, tmp_path, monkeypatch):
+def test_a_plain_run_does_not_resume_an_fsdp_checkpoint(runs, tmp_path, monkeypatch, capsys):
     """The 2-rank FSDP2 checkpoint of the first run, resumed by one fp32 process: a clear error, nothing loaded."""
     root, data_txt = runs
     shutil.copytree(root / "s1" / "checkpoints", tmp_path / "run" / "checkpoints")
     world_of_one(monkeypatch)
-    with pytest.raises(ValueError, match="written by an FSDP2 run; resume it under torchrun or in bf16"):
+    with pytest.raises(SystemExit) as exit:
         T.main([*COMMON, "--stage", "1", "--data", data_txt, "--out", str(tmp_path / "run"), "--resume"])
+    assert exit.value.code == 2
+    assert "written by an FSDP2 run; resume it under torchrun or in bf16" in capsys.readouterr().err
 
 
-def test_too_much_bad_data_stops_the_run(tmp_path, monkeypatch):
-    data_txt = make_dataset(tmp_path / "data")  # 3 of 15 records malformed: 20%, over the default 5%
-    with socket.socket() as s:  # a world of one in this process
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
-        monkeypatch.setenv(key, str(value))
-    with pytest.raises(D.TooMuchBadData, match=r"3 of 15 records \(20.0%\) were bad, over the limit of 5.0%"):
+def test_too_much_bad_data_stops_the_run(tmp_path, monkeypatch, capsys, new_dataset):
+    data_txt = new_dataset(tmp_path / "data")  # 3 of 15 records malformed: 20%, over the default 5%
+    world_of_one(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
         T.main(["--model", "tiny", "--data", data_txt, "--out", str(tmp_path / "run")])
+    assert exit.value.code == 2
+    assert re.search(r"3 of 15 records \(20.0%\) were bad, over the limit of 5.0%", capsys.readouterr().err)
     assert not torch.distributed.is_initialized()
 
 
@@ -212,9 +231,8 @@ def world_of_one(monkeypatch) -> None:
         monkeypatch.setenv(key, str(value))
 
 
-def test_bf16_mixed_precision_stage2_with_validation(tmp_path, monkeypatch):
+def test_bf16_mixed_precision_stage2_with_validation(tmp_path, monkeypatch, data_txt):
     """The GPU recipe's FSDP2 bf16 policy, on the CPU: training, validation under the EMA, export (gloo, 1 rank)."""
-    data_txt = make_dataset(tmp_path / "data")
     world_of_one(monkeypatch)
     out = tmp_path / "run"
     T.main([*COMMON, "--stage", "2", "--precision", "bf16", "--data", data_txt, "--out", str(out), "--steps", "2",
@@ -223,9 +241,8 @@ def test_bf16_mixed_precision_stage2_with_validation(tmp_path, monkeypatch):
     assert os.path.isfile(out / "val" / "step-00000002.png")
 
 
-def test_qk_norm_lr_multiplies_the_learning_rate_of_the_qk_norm_scales(tmp_path, monkeypatch):
+def test_qk_norm_lr_multiplies_the_learning_rate_of_the_qk_norm_scales(tmp_path, monkeypatch, data_txt):
     """--qk_norm_lr 0 freezes the q/k RMSNorm scales (its own optimizer group) while the rest of stage 2 learns."""
-    data_txt = make_dataset(tmp_path / "data")
     world_of_one(monkeypatch)
     out = tmp_path / "run"
     T.main([*COMMON, "--stage", "2", "--data", data_txt, "--out", str(out), "--steps", "2", "--qk_norm_lr", "0",
@@ -249,3 +266,86 @@ def test_config_stage_defaults_and_overrides():
                                                                                  "--model", "huge"]):
         with pytest.raises(SystemExit):
             T.parse_args(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nothing lost, nothing silent: damaged checkpoints, run folders, torn metrics, Ctrl-C
+
+
+def small_run(out, data_txt, monkeypatch, *extra) -> None:
+    """Stage 1 in this process (a world of one: the plain module), a checkpoint every 2 steps, all kept."""
+    world_of_one(monkeypatch)
+    T.main([*COMMON, "--data", data_txt, "--out", str(out), "--steps", "4", "--ckpt_every", "2", "--keep", "5",
+            "--val_samples", "0", *extra])
+
+
+def test_a_damaged_checkpoint_is_passed_over_and_said(tmp_path, monkeypatch, capsys, caplog, data_txt):
+    caplog.set_level(logging.INFO, logger="train")
+    run = tmp_path / "run"
+    small_run(run, data_txt, monkeypatch)
+    newest = run / "checkpoints" / "step-00000004"
+    victim = sorted(newest.glob("*.distcp"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte on disk
+    victim.write_bytes(bytes(data))
+    caplog.clear()
+    small_run(run, data_txt, monkeypatch, "--resume", "--steps", "6")
+    assert "step-00000004 is damaged" in caplog.text and "resumed from step 2" in caplog.text
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]  # steps 3, 4 redone from step 2
+    for ckpt in (run / "checkpoints").glob("step-*"):  # every checkpoint damaged: a clear stop, not a wrong resume
+        (ckpt / "state.json").write_text("{garbage")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        small_run(run, data_txt, monkeypatch, "--resume", "--steps", "8")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("train.py: error: --resume: no intact checkpoint under")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_run_folder_is_never_overwritten_and_a_torn_metrics_line_is_dropped(tmp_path, monkeypatch, capsys, caplog,
+                                                                                data_txt):
+    run = tmp_path / "run"
+    small_run(run, data_txt, monkeypatch)
+    history = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:  # the same command again, without --resume
+        small_run(run, data_txt, monkeypatch)
+    assert exit.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == history  # 4 lines of history, untouched
+    (run / "metrics.jsonl").write_text(history + '{"step": 5, "lo')  # a kill mid-write of a log line
+    caplog.clear()
+    small_run(run, data_txt, monkeypatch, "--resume", "--steps", "5")
+    assert "dropped a torn line" in caplog.text and [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
+    small_run(run, data_txt, monkeypatch, "--overwrite", "--steps", "2")
+    assert [m["step"] for m in metrics(run)] == [1, 2] and os.listdir(run / "checkpoints") == ["step-00000002"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_in_one_line_that_says_where_to_continue(tmp_path, data_txt):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *COMMON, "--data", data_txt, "--out", str(out), "--steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # until the step-3 checkpoint exists
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert re.fullmatch(r"train.py: interrupted at step \d+; the last checkpoint is step-\d{8}; continue with "
+                        r"--resume", last), last
+
+
+def test_torn_weights_stop_the_run_in_one_line(runs, tmp_path, monkeypatch, capsys):
+    """--init from a run whose exported weights were cut short: one line that names the file, no training."""
+    root, data_txt = runs
+    shutil.copytree(root / "s1", tmp_path / "s1", ignore=shutil.ignore_patterns("checkpoints"))
+    shard = next((tmp_path / "s1" / "ema").glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    world_of_one(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        T.main([*COMMON, "--stage", "2", "--init", str(tmp_path / "s1"), "--data", data_txt, "--out",
+                str(tmp_path / "s2")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit.value.code == 2 and "is not a readable safetensors file" in err and shard.name in err
+    assert not (tmp_path / "s2" / "metrics.jsonl").exists()
