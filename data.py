@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,8 +322,9 @@ def write_cached(path: str, sample: dict) -> None:
     tensors = {f"features.{k}": v.contiguous() for k, v in features.items() if v is not None}
     tensors.update(latents=sample["latents"].contiguous(), weights=sample["weights"].contiguous())
     meta = {"index": str(sample["index"]), "instruction": sample["instruction"], "features": json.dumps(list(features))}
-    save_file(tensors, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)  # a killed build never leaves a half-written sample
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # the writer's own name: runs sharing a cache may build it at once
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # a killed build never leaves a half-written sample
 
 
 def read_cached(path: str) -> dict:
@@ -378,9 +380,10 @@ def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: d
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
-            with open(meta + ".tmp", "w") as f:
+            tmp = f"{meta}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "w") as f:
                 json.dump(fingerprint, f, indent=1)
-            os.replace(meta + ".tmp", meta)
+            os.replace(tmp, meta)
         if dist.is_initialized():
             dist.barrier()
     dataset.cache = folder

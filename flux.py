@@ -493,6 +493,8 @@ def resolution_mu(image_seq_len: int, base_len: int = 256, max_len: int = 4096, 
 
 Pieces = list[tuple[str, tuple[int, int] | None]]
 FORMATS = ("bfl", "diffusers")
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # safetensors' floating-point types
 
 
 def _flux_layout(c: FluxConfig, fmt: str) -> dict[str, Pieces]:
@@ -613,16 +615,22 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[self.prefix + key][2]
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
-        """The tensor, or its rows [a, b) (get_slice reads only those); never NaN, never a non-float."""
-        f, dtype, _ = self.entries[self.prefix + key]
-        if not dtype.startswith(("F", "BF")):  # F64, F32, F16, BF16, F8_*
-            raise ValueError(f"{f}: {self.prefix + key} is stored as {dtype}, not a floating-point type; this file "
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES.get(self.entries[self.prefix + key][1], torch.float32)  # not a float: read() says so
+
+    def read(self, key: str, rows: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
+        """The tensor, or its rows [a, b) (get_slice reads only those), copied from the file's pages into a new
+        tensor or into the front of `out` (flat; its dtype): one copy, no temporaries. Never NaN, never a non-float."""
+        f, kind, _ = self.entries[self.prefix + key]
+        if kind not in DTYPES:
+            raise ValueError(f"{f}: {self.prefix + key} is stored as {kind}, not a floating-point type; this file "
                              f"was not written as model weights")
         with safe_open(f, "pt") as st:
-            t = st.get_slice(self.prefix + key)
-            t = (t[rows[0] : rows[1]] if rows else t[:]).clone()  # a fresh tensor: aligned as kernels expect
-        if not torch.isfinite(t).all():  # one reduction per tensor: never sample or train on NaN weights
+            view = st.get_slice(self.prefix + key)
+            view = view[rows[0] : rows[1]] if rows else view[:]  # the file's pages, mapped
+            t = torch.empty(view.shape, dtype=view.dtype) if out is None else out[: view.numel()].view(view.shape)
+            t.copy_(view)
+        if not torch.isfinite(t.sum(dtype=torch.float64)):  # one reduction, no copy: never use NaN or inf weights
             raise ValueError(f"{f}: {self.prefix + key} holds NaN or infinite values; the file is damaged")
         return t
 
@@ -697,8 +705,10 @@ def _load(cls, ck: Checkpoint, config, layout, dtype, device) -> nn.Module:
             + "\n  (pass config=None to infer the architecture from the file)")
     state = {}
     for key, t in model.state_dict().items():
-        w = torch.cat([ck.read(src, rows) for src, rows in table[key]]).reshape(t.shape)
-        state[key] = w.to(device=device or "cpu", dtype=dtype or w.dtype)
+        w, i = torch.empty(t.numel(), dtype=dtype or ck.dtype(table[key][0][0])), 0
+        for src, rows in table[key]:  # one official tensor, or several (diffusers' q, k and v): each into its rows
+            i += ck.read(src, rows, out=w[i:]).numel()
+        state[key] = w.reshape(t.shape).to(device or "cpu")
     model.load_state_dict(state, assign=True)
     return model.eval()
 

@@ -309,7 +309,7 @@ def read_init(model: UniWorld, head: int = 1, sharpness: float = 2.0) -> None:
     R(r, c) q0, through the siglip_projector (from its one-hot position code), txt_in and the text stream's k.
 
     Each image token then attends to the SigLIP token at its own position (0.65 of its attention at init, the probe).
-    Whether stage 0 finds that read by itself, and when, varies from run to run (docs/toy.md, 2026-12-06); every
+    Whether stage 0 finds that read by itself, and when, varies from run to run (docs/toy.md, 2026-12-05); every
     task that copies pixels depends on it; a pretrained denoiser would bring it. Everything stays trainable, and the
     read's value and output path is learned. q0 has unit entries on the highest and third-highest RoPE frequencies of
     rows and columns (1 and 0.55 rad per token at theta 8): an own-position peak that no other position aliases."""
@@ -485,7 +485,7 @@ def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) 
 # stage 2. Each stage a train.py run; the encoder caches are built once per data set.
 
 COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk_norm_lr 10 --ema_decay 0.995 "
-          "--precision fp32 --compile --log_every 50 --val_every 1000000000 --ckpt_every 1000000000 --val_steps 20 "
+          "--precision fp32 --compile --log_every 50 --val_every 1000000000 --ckpt_every 2500 --val_steps 20 "
           "--val_guidance 1")
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the data set's, {cache}: its caches)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 1500 --cache {cache}/copy --shift 1.5"),  # high noise
@@ -634,8 +634,9 @@ def write_batch(data: str, path: str, n: int) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def evaluate_batch(path: str, outputs_folder: str, show: bool = True) -> dict:
-    """The held-out table of `sample.py --batch FILE --out FOLDER`'s images for a write_batch file."""
+def evaluate_batch(path: str, outputs_folder: str, show: bool = True, grid: str = "") -> dict:
+    """The held-out table of `sample.py --batch FILE --out FOLDER`'s images for a write_batch file; `grid`: also
+    save them as one picture, a row per pair: reference (blank for text to image) | output | target, 4× nearest."""
     folder, records, images = os.path.dirname(os.path.abspath(path)), [], []
     with open(path) as f:
         for row in map(json.loads, f):
@@ -643,6 +644,13 @@ def evaluate_batch(path: str, outputs_folder: str, show: bool = True) -> dict:
             records.append({"task": row["task"], "shapes": row["shapes"], "refs": [load(p) for p in row["images"]],
                             "target": load(row["target"])})
             images.append(np.asarray(Image.open(os.path.join(outputs_folder, row["name"] + ".png")).convert("RGB")))
+    if grid:
+        blank = np.full((SIZE, SIZE, 3), 255, np.uint8)
+        rows = [np.concatenate([(r["refs"] or [blank])[0], o, r["target"]], 1)
+                for r, o in zip(records, images, strict=True)]
+        pairs = [np.concatenate(rows[i : i + 2], 1) for i in range(0, len(rows), 2)]  # two pairs side by side
+        picture = Image.fromarray(np.concatenate(pairs, 0))
+        picture.resize((picture.width * 4, picture.height * 4), Image.NEAREST).save(grid)
     return evaluate(records, images, show)
 
 
@@ -675,6 +683,7 @@ if __name__ == "__main__":
     e.add_argument("--data", help="the data set whose held-out split to sample and score")
     e.add_argument("--batch", help="instead: score FOLDER, the images of sample.py --batch FILE")
     e.add_argument("--n", type=int, help="the first n held-out pairs only")
+    e.add_argument("--grid", default="", help="with --batch: also save the pictures as one PNG (the showcase)")
     b = sub.add_parser("batch", help="held-out pairs as a sample.py --batch file: python toy.py batch DIR --out F")
     b.add_argument("data")
     b.add_argument("--out", required=True, help="the .jsonl file (images/ are written beside it)")
@@ -695,7 +704,7 @@ if __name__ == "__main__":
         write_batch(a.data, a.out, a.n)
         print(f"wrote {a.out}: python sample.py --batch {a.out} --out OUT, then python toy.py eval OUT --batch {a.out}")
     elif a.batch:
-        evaluate_batch(a.batch, a.folder)
+        evaluate_batch(a.batch, a.folder, grid=a.grid)
     else:
         torch.set_num_threads(2)
         evaluate_folder(a.folder, a.data, a.n)

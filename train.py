@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -73,7 +74,6 @@ class TrainConfig:
     redux: str = ""  # stage 2: flux-redux-siglipv2-512.bin or a Redux .safetensors -> siglip_projector
     init: str = ""  # an earlier run of this script: start from what it trained (stage 2 <- stage 1)
     init_ema: bool = True  # take --init's EMA weights (the official recommendation)
-    freeze: str = ""  # a regex of parameter names kept frozen on top of the stage's (e.g. one block's attention)
     # data
     resolution: int = 512  # the square side, or the area anchor with --buckets (official 512)
     buckets: bool = False  # any_11ratio aspect buckets; official default squashes to resolution²
@@ -252,7 +252,19 @@ def intact(path: str) -> bool:
 
 
 def save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable) -> None:
-    """Model (trainable tensors), optimizer, EMA shards; per rank RNG states and sample counts; step, data position."""
+    """Model (trainable tensors), optimizer, EMA shards; per rank RNG states and sample counts; step, data position.
+    A Ctrl-C while it writes takes effect once it is complete (inside dcp.save it would end in a wrapped traceback)."""
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        write_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def write_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable) -> None:
     rank, folder = dist.get_rank(), os.path.join(cfg.out, "checkpoints")
     tmp, final = os.path.join(folder, f".tmp-step-{step:08d}"), os.path.join(folder, f"step-{step:08d}")
     if rank == 0 and os.path.isdir(folder):
@@ -432,10 +444,6 @@ def build(cfg: TrainConfig, device, models: dict) -> tuple[M.UniWorld, M.Encoder
         raise ValueError("stage 2 initialises the siglip_projector from FLUX Redux: pass --redux "
                          "flux-redux-siglipv2-512.bin (UniWorld-V1 README) or a Redux .safetensors")
     trainable = set(M.set_stage(model, cfg.stage))
-    for name, p in model.named_parameters():
-        if cfg.freeze and re.match(cfg.freeze, name):
-            p.requires_grad_(False)
-            trainable.discard(name)
     shard(model, cfg, device)
     if cfg.compile:  # in place: parameter names stay as they are (checkpoints, EMA, export)
         model.denoiser.compile(dynamic=True)  # dynamic: text streams change length from batch to batch

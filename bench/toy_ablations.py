@@ -2,6 +2,7 @@
 with one piece changed (paper §4: SigLIP features, reference latents, the adaptive edit-region weighting).
 
     python bench/toy_ablations.py --data data/toy --out runs/ablations [--seeds 3] [--scale 0.25] [--tasks recolor]
+        [--settings uniworld no-siglip] [--flags=--no-compile]
 
   uniworld      the method: VLM + SigLIP tokens in the text stream, log edit-region weighting
   no-siglip     without SigLIP tokens (train.py --siglip none): the reference reaches FLUX through Qwen alone
@@ -91,6 +92,7 @@ def main():
     ap.add_argument("--tasks", nargs="+", default=["recolor"], choices=toy.TASKS)
     ap.add_argument("--settings", nargs="+", default=list(FLAGS), choices=list(FLAGS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flags", default="", help="train.py flags for every run (--flags=--no-compile: short runs)")
     args = ap.parse_args()
     entry = [sys.executable, os.path.abspath(__file__), "stage"]
     records = [r for r in toy.load_records(args.data, "test") if r["task"] in args.tasks]
@@ -98,8 +100,9 @@ def main():
     for setting in args.settings:
         for seed in range(args.seeds):
             out = os.path.abspath(os.path.join(args.out, setting, f"seed{seed}"))
-            toy.train(os.path.abspath(args.data), out, f"{FLAGS[setting]} --seed {seed}", args.tasks, args.scale,
-                      args.threads, entry)
+            flags = f"{FLAGS[setting]} {args.flags} --seed {seed}"
+            toy.train(os.path.abspath(args.data), out, flags, args.tasks, args.scale, args.threads, entry,
+                      read=0 if setting == "no-siglip" else toy.READ)  # no SigLIP: no read to wait for
             folder = os.path.join(out, "s2", "ema")
             if setting == "ref-latents":  # so that sample.py refuses it and load() knows it
                 with open(os.path.join(folder, "config.json")) as f:

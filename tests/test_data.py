@@ -156,6 +156,30 @@ def test_cache_gives_the_same_samples_and_checks_its_fingerprint(data_txt, tmp_p
         D.build_cache(ds, FakeEncoders(), "cpu", str(tmp_path / "cache"), {"v": 2})
 
 
+def test_two_runs_can_build_one_cache_at_once(data_txt, tmp_path, monkeypatch):
+    """Seeds of one setting share a cache (toy.py); a second writer between the first's write and rename is fine."""
+    ds, folder, replace = D.EditData(data_txt, resolution=64), tmp_path / "cache", D.os.replace
+    sample = D.EditData(data_txt, resolution=64)[0]
+    cached = {**{k: sample[k] for k in ("index", "instruction", "weights")}, "features": {"vlm": torch.ones(2, 2)},
+              "latents": sample["pixels"][:, ::8, ::8]}
+    path, others = D.cache_path(str(folder), 0), []
+
+    def another_writer_first(src, dst):
+        if not others:
+            others.append(dst)
+            D.write_cached(dst, cached)  # the other run writes and renames the same sample in between
+        replace(src, dst)
+
+    monkeypatch.setattr(D.os, "replace", another_writer_first)
+    D.os.makedirs(D.os.path.dirname(path))
+    D.write_cached(path, cached)
+    monkeypatch.setattr(D.os, "replace", replace)
+    assert others == [path] and D.read_cached(path)["instruction"] == sample["instruction"]
+    assert not list(folder.rglob("*.tmp"))
+    D.build_cache(ds, FakeEncoders(), "cpu", str(folder), {"v": 1})  # and the rest of the cache builds around it
+    assert len(list(folder.rglob("*.safetensors"))) == 7
+
+
 def test_any_11ratio_sizes():
     # docs/official.md §8.2, at the 1024² anchor, for landscape inputs (h x w)
     for (h, w), expected in {(768, 1024): (864, 1152), (1000, 1000): (1024, 1024), (600, 900): (832, 1248),

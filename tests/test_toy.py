@@ -177,6 +177,25 @@ def test_metrics_on_known_outputs():
     assert row["other"] == 0.0 and row["iou"] < 1.0
 
 
+def test_a_batch_file_of_held_out_pairs_scores_its_outputs_and_draws_the_showcase(dataset, tmp_path):
+    """write_batch -> (sample.py --batch) -> evaluate_batch: the targets as outputs score 100%, the references 0%
+    on the edits; the grid has a row of two pairs (reference | output | target each) per two rows of the file."""
+    path = str(tmp_path / "batch.jsonl")
+    toy.write_batch(dataset, path, 2)
+    rows = [json.loads(line) for line in open(path)]
+    assert [r["task"] for r in rows] == [t for t in toy.TASKS for _ in range(2)]
+    for out, pick in (("targets", lambda r: r["target"]), ("inputs", lambda r: (r["images"] or [r["target"]])[0])):
+        for r in rows:
+            os.makedirs(tmp_path / out / r["task"], exist_ok=True)
+            Image.open(tmp_path / pick(r)).save(tmp_path / out / f"{r['name']}.png")
+    grid = str(tmp_path / "grid.png")
+    perfect = toy.evaluate_batch(path, str(tmp_path / "targets"), show=False, grid=grid)
+    assert all(row["success"] == 1.0 for row in perfect.values())
+    assert Image.open(grid).size == (6 * toy.SIZE * 4, len(rows) // 2 * toy.SIZE * 4)
+    unchanged = toy.evaluate_batch(path, str(tmp_path / "inputs"), show=False)
+    assert all(unchanged[t]["success"] == 0.0 for t in ("recolor", "remove", "add"))
+
+
 def test_psnr_and_palette_classification():
     a = np.zeros((4, 4, 3), np.uint8)
     b = a.copy()

@@ -324,7 +324,9 @@ def test_a_run_folder_is_never_overwritten_and_a_torn_metrics_line_is_dropped(tm
 def test_ctrl_c_ends_in_one_line_that_says_where_to_continue(tmp_path, data_txt):
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", *COMMON, "--data", data_txt, "--out", str(out), "--steps", "100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as from a terminal, also when the tests run in the background (`cmd &` ignores it, and children inherit)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "checkpoints").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)  # until the step-3 checkpoint exists
