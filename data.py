@@ -10,16 +10,15 @@
                                          -> references as they are (resized to the target's size when theirs differs)
                                          -> edit weights (paper §3.5) on the images at Qwen's size, as official
 
-Sizes: the official default squashes every target to 512² ('any_1ratio'); `buckets=True` picks the closest of the
-11 ratios at a resolution² area anchor instead ('any_11ratio', as the released run did; docs/official.md §4.7).
-A batch holds samples of one size and one number of references, so that a text-to-image sample is never padded to
-an edit's SigLIP tokens.
+Sizes: the official default squashes every target to 512² ('any_1ratio'); `buckets=True` picks the closest of 11
+ratios at a resolution² area anchor ('any_11ratio', as the released run did; docs/official.md §4.7). A batch holds one
+size and one number of references, so a text-to-image sample is never padded to an edit's SigLIP tokens.
 Bad data (an unreadable JSON file, a malformed record, a missing, truncated, corrupt, tiny or too elongated image, an
-edit masks.py rejects) never stops a run: it is skipped with one warning naming it, replaced by the next sample of
-its bucket and counted, so that train.py stops with a clear message only when the bad part passes --max_bad.
-The frozen encoders' outputs can be computed once per sample and read back from a cache (build_cache).
+edit masks.py rejects) is skipped with one warning naming it, replaced by the next sample of its bucket and counted:
+train.py stops only when the bad part passes --max_bad. build_cache stores the frozen encoders' outputs per sample.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -36,12 +35,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from encoders import VLM_PIXELS, qwen_input_size
+from encoders import IMAGE, VLM_PIXELS, qwen_input_size
 from masks import EditTooSmall, loss_weights
 
 log = logging.getLogger(__name__)
 
-IMAGE, GEN_IMAGE = "<image>", "<gen_image>"
+GEN_IMAGE = "<gen_image>"  # the target's marker, in the gpt turn
 MIN_SIDE = 16  # smaller images are "wrongly sized": nothing to learn from them at 512²
 MAX_TRIES = 16  # bad samples in a row before a bucket is declared broken
 MIN_SEEN = 50  # check_bad waits for this many samples, so that one early bad file does not stop a run
@@ -153,18 +152,6 @@ def to_pixels(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
-def edit_weights(refs: list[Image.Image], target: Image.Image, latent: tuple[int, int], kind: str, need_weight: bool,
-                 factor: int, pixels: int) -> torch.Tensor:
-    """Paper §3.5 weights (1, *latent) as the official loader computes them: on the target and the references at the
-    target's Qwen training size (bicubic), then nearest-resized to the training latent grid (docs/official.md §6)."""
-    if not refs or not need_weight:
-        return torch.ones(1, *latent)
-    h, w = qwen_input_size(*target.size, training=True, pixels=pixels)
-    weights = loss_weights([r.resize((w, h), Image.BICUBIC) for r in refs], target.resize((w, h), Image.BICUBIC),
-                           kind, True, factor)  # (1, h / factor, w / factor)
-    return F.interpolate(weights[None], size=latent, mode="nearest")[0]
-
-
 class EditData(torch.utils.data.Dataset):
     """The samples of data.txt; dataset[i] is sample i, or the next good one of its bucket if i is bad."""
 
@@ -175,13 +162,11 @@ class EditData(torch.utils.data.Dataset):
                              f"{factor}x, then 2x2 packing)")
         self.records, self.bad_records = read_data_txt(data_txt)
         self.weighting, self.factor, self.vlm_pixels, self.cache = weighting, factor, vlm_pixels, None
-        self.sizes = {}  # index -> (H, W) of the target in training
+        self.sizes = {}  # index -> (H, W) of the target in training; official default: every one at resolution²
         for i, r in enumerate(self.records):
-            if not buckets:  # official default: every target squashed to resolution²
-                self.sizes[i] = (resolution, resolution)
-                continue
             try:
-                self.sizes[i] = dynamic_resize(*oriented_size(os.path.join(r.root, r.images[-1])), resolution**2)
+                target = os.path.join(r.root, r.images[-1])
+                self.sizes[i] = dynamic_resize(*oriented_size(target), resolution**2) if buckets else (resolution,) * 2
             except BadSample as e:
                 log.warning("skipping record %d: %s", i, e)
                 self.bad_records += 1
@@ -214,10 +199,8 @@ class EditData(torch.utils.data.Dataset):
         for idx in sorted(self.sizes):
             if len(samples) == n:  # checked first: n = 0 (--val_samples 0) loads nothing
                 break
-            try:
+            with contextlib.suppress(BadSample):
                 samples.append(self.load_images(idx))
-            except BadSample:
-                continue
         return samples
 
     def load(self, idx: int) -> dict:
@@ -235,23 +218,30 @@ class EditData(torch.utils.data.Dataset):
         *refs, target = [open_image(os.path.join(r.root, p)) for p in r.images]
         if any(ref.size != target.size for ref in refs):  # official: then every reference takes the target's size
             refs = [ref.resize(target.size, Image.BICUBIC) for ref in refs]
-        try:
-            weights = edit_weights(refs, target, (H // self.factor, W // self.factor), self.weighting, r.need_weight,
-                                   self.factor, self.vlm_pixels)
-        except EditTooSmall as e:  # official: the loader raises and draws another sample
-            raise BadSample(str(e)) from e
+        weights = self.edit_weights(refs, target, (H // self.factor, W // self.factor), r.need_weight)
         return {"index": idx, "instruction": r.instruction, "references": refs,
                 "pixels": to_pixels(target.resize((W, H), Image.BICUBIC)), "weights": weights}
+
+    def edit_weights(self, refs: list[Image.Image], target: Image.Image, latent: tuple[int, int],
+                     need_weight: bool) -> torch.Tensor:
+        """Paper §3.5 weights (1, *latent) as the official loader computes them: on the images at the target's Qwen
+        training size (bicubic), then nearest-resized to the training latent grid (docs/official.md §6)."""
+        if not refs or not need_weight:
+            return torch.ones(1, *latent)
+        h, w = qwen_input_size(*target.size, training=True, pixels=self.vlm_pixels)
+        try:
+            weights = loss_weights([r.resize((w, h), Image.BICUBIC) for r in refs],
+                                   target.resize((w, h), Image.BICUBIC), self.weighting, True, self.factor)
+        except EditTooSmall as e:  # official: the loader raises and draws another sample
+            raise BadSample(str(e)) from e
+        return F.interpolate(weights[None], size=latent, mode="nearest")[0]  # from (1, h / factor, w / factor)
 
 
 def collate(samples: list[dict]) -> dict:
     """Same-size samples -> one batch: tensors stacked, everything else in lists, skips summed."""
-    batch = {"skipped": sum(s["skipped"] for s in samples)}
-    for key in samples[0]:
-        if key != "skipped":
-            values = [s[key] for s in samples]
-            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return batch
+    batch = {key: [s[key] for s in samples] for key in samples[0]}
+    batch = {key: torch.stack(v) if isinstance(v[0], torch.Tensor) else v for key, v in batch.items()}
+    return {**batch, "skipped": sum(batch["skipped"])}
 
 
 def check_bad(bad: int, seen: int, limit: float, what: str = "samples", min_seen: int = MIN_SEEN) -> None:
@@ -281,8 +271,7 @@ class Batches:
         """This rank's batches of `epoch`: the same on every run for the same seed, epoch and world size."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         batches = []
-        for key in sorted(self.dataset.buckets):  # each bucket shuffled, cut into full batches
-            members = self.dataset.buckets[key]
+        for _, members in sorted(self.dataset.buckets.items()):  # each bucket shuffled, cut into full batches
             perm = [members[p] for p in torch.randperm(len(members), generator=g).tolist()]
             batches += [perm[i : i + self.batch_size] for i in range(0, len(perm) - self.batch_size + 1,
                                                                      self.batch_size)]
@@ -294,7 +283,7 @@ class Batches:
         while True:
             todo = self.epoch_batches(self.epoch)[self.batch :]
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=todo, num_workers=self.workers,
-                                                 collate_fn=collate, persistent_workers=False)
+                                                 collate_fn=collate)
             for batch in loader:
                 self.batch += 1
                 yield batch
@@ -316,13 +305,13 @@ def cache_path(folder: str, idx: int) -> str:
 
 
 def write_cached(path: str, sample: dict) -> None:
-    """One encoded sample as one safetensors file: its tensors flat ("features.vlm", ...), the rest in the metadata
-    (no pickle)."""
+    """One encoded sample as a safetensors file: its tensors flat ("features.vlm", ...), the rest in metadata."""
     features = sample["features"]
     tensors = {f"features.{k}": v.contiguous() for k, v in features.items() if v is not None}
     tensors.update(latents=sample["latents"].contiguous(), weights=sample["weights"].contiguous())
     meta = {"index": str(sample["index"]), "instruction": sample["instruction"], "features": json.dumps(list(features))}
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # the writer's own name: runs sharing a cache may build it at once
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)  # a killed build never leaves a half-written sample
 
@@ -331,18 +320,15 @@ def read_cached(path: str) -> dict:
     """write_cached's file -> {'index', 'instruction', 'weights', 'latents', 'features'} (absent features: None)."""
     with safe_open(path, "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    features = {k: tensors.get(f"features.{k}") for k in json.loads(meta["features"])}
     return {"index": int(meta["index"]), "instruction": meta["instruction"], "weights": tensors["weights"],
-            "latents": tensors["latents"], "features": {k: tensors.get(f"features.{k}")
-                                                       for k in json.loads(meta["features"])}}
+            "latents": tensors["latents"], "features": features}
 
 
 def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: dict, batch_size: int = 1) -> None:
-    """Write the encoded form (model.Encoders.encode) of every good sample, split over the ranks; `meta.json` marks
-    the cache complete, and the dataset reads from it from then on.
-
-    Samples are encoded `batch_size` at a time (same-size samples only, as in training). Resumable: files already
-    there are kept. A cache built for another fingerprint (data, sizes, encoders) is an error rather than silently
-    wrong features."""
+    """Write the encoded form (model.Encoders.encode) of every good sample, a bucket's `batch_size` at a time, split
+    over the ranks and resumable; `meta.json` then marks the cache complete and the dataset reads from it. A cache built
+    for another fingerprint (data, sizes, encoders) is an error rather than silently wrong features."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     meta = os.path.join(folder, "meta.json")
     if os.path.isfile(meta):
@@ -351,39 +337,32 @@ def build_cache(dataset: EditData, encoders, device, folder: str, fingerprint: d
         if found != fingerprint:
             raise ValueError(f"the cache {folder} was built for {found}, not {fingerprint}; delete it or pass "
                              "another --cache folder")
-    else:
-        todo = {}  # target size -> this rank's samples not cached yet
-        for idx in sorted(dataset.sizes)[rank::world]:
-            if not os.path.isfile(cache_path(folder, idx)):
-                todo.setdefault(dataset.sizes[idx], []).append(idx)
-        chunks = [idxs[i : i + batch_size] for idxs in todo.values() for i in range(0, len(idxs), batch_size)]
-        bad = 0
-        bar = tqdm(total=sum(map(len, chunks)), desc=f"cache {folder}", disable=rank != 0, dynamic_ncols=True)
-        for chunk in chunks:
-            samples = []
-            for idx in chunk:
-                try:
-                    samples.append({**dataset.load_images(idx), "skipped": 0})
-                except BadSample as e:
-                    log.warning("not caching sample %d: %s", idx, e)
-                    bad += 1
-            if samples:
-                batch = encoders.encode(collate(samples), "cpu")
-                for sample, features, latents in zip(samples, batch["features"], batch["latents"], strict=True):
-                    path = cache_path(folder, sample["index"])
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    write_cached(path, {**{k: sample[k] for k in ("index", "instruction", "weights")},
-                                        "features": features, "latents": latents})
-            bar.update(len(chunk))
-        bar.close()
-        log.info("cache %s: rank %d wrote its share (%d bad samples left out)", folder, rank, bad)
-        if dist.is_initialized():
-            dist.barrier()
-        if rank == 0:
-            tmp = f"{meta}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(fingerprint, f, indent=1)
-            os.replace(tmp, meta)
-        if dist.is_initialized():
-            dist.barrier()
+        dataset.cache = folder
+        return
+    todo = [[i for i in members[rank::world] if not os.path.isfile(cache_path(folder, i))]
+            for members in dataset.buckets.values()]  # this rank's samples not cached yet, by bucket
+    chunks = [idxs[i : i + batch_size] for idxs in todo for i in range(0, len(idxs), batch_size)]
+    bad = 0
+    for chunk in tqdm(chunks, desc=f"cache {folder}", unit="batch", disable=rank != 0, dynamic_ncols=True):
+        samples = []
+        for idx in chunk:
+            try:
+                samples.append({**dataset.load_images(idx), "skipped": 0})
+            except BadSample as e:
+                log.warning("not caching sample %d: %s", idx, e)
+                bad += 1
+        if samples:
+            batch = encoders.encode(collate(samples), "cpu")
+            for sample, features, latents in zip(samples, batch["features"], batch["latents"], strict=True):
+                write_cached(cache_path(folder, sample["index"]), {**sample, "features": features, "latents": latents})
+    log.info("cache %s: rank %d wrote its share (%d bad samples left out)", folder, rank, bad)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        tmp = f"{meta}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(fingerprint, f, indent=1)
+        os.replace(tmp, meta)
+    if dist.is_initialized():
+        dist.barrier()
     dataset.cache = folder

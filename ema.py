@@ -19,6 +19,7 @@ splits exactly like the official partition), so gathering, DCP checkpoints and r
 Without a process group this is a plain fp32 EMA.
 """
 
+import re
 from contextlib import contextmanager
 
 import torch
@@ -29,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 # Added to parameter names by activation checkpointing and torch.compile; not part of the model's real FQNs.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+_WRAPPERS = re.compile(r"_checkpoint_wrapped_module\.|_orig_mod\.")
 
 
 def decay_at(step: int, decay: float = 0.999) -> float:
@@ -43,19 +44,12 @@ def _named_params(model: nn.Module) -> dict[str, torch.Tensor]:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()  # a forward without backward leaves the FSDP2 root unsharded (plain full params)
-    params = {}
-    for name, p in model.named_parameters():
-        for prefix in _WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
-        params[name] = p
-    return params
+    return {_WRAPPERS.sub("", name): p for name, p in model.named_parameters()}
 
 
 class ShardedEMA:
     """fp32 EMA of the trainable parameters; each rank holds and updates only its own shard (see module docstring).
-
-    Pass the model itself (FSDP2-sharded or not; not a DDP wrapper) to the constructor, update and swap_into.
-    """
+    Pass the model itself (FSDP2-sharded or not; not a DDP wrapper) to the constructor, update and swap_into."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         if not 0.0 <= decay <= 1.0:
@@ -99,8 +93,7 @@ class ShardedEMA:
     def _params(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's parameters by name, checked to contain every parameter this EMA tracks."""
         params = _named_params(model)
-        missing = [n for n in self.shards if n not in params]
-        if missing:
+        if missing := [n for n in self.shards if n not in params]:
             raise ValueError(f"model lacks EMA parameters {missing[:5]}; pass the model the EMA was built from")
         return params
 

@@ -2,10 +2,8 @@
 
 - VLMEncoder: Qwen2.5-VL-7B-Instruct; the last-layer hidden state of every token of the prompt (docs/official.md §2.1).
 - SiglipEncoder: siglip2-so400m-patch16-512; 1024 tokens of width 1152 per reference image (docs/official.md §1.3).
-- T5Encoder / ClipPooled: FLUX.1-dev's T5-XXL sequence and CLIP-L pooled vector (inference extras; training
-  uses only CLIP(""), docs/official.md §2.5).
-Every encoder is frozen and stays in eval mode. `load_*` reads real weights (a local folder or a hub id);
-`tiny_vlm` / `tiny_siglip` build random, offline, seeded versions with the same interface (tests, small experiments).
+- T5Encoder / ClipPooled: FLUX.1-dev's T5-XXL and pooled CLIP-L (training uses CLIP("") only, docs/official.md §2.5).
+`load_*` reads real weights (a local folder or a hub id); `tiny_*` build random, offline, seeded ones (tests, toy).
 """
 
 import logging
@@ -45,16 +43,6 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE_BLOCK = VISION_START + IMAGE_PAD + VISION_END  # one pad per image; tokenize() expands it to the image's N
 
-# Qwen2-VL's chat template (image and text parts), for the tiny tokenizer; real checkpoints bring their own.
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's size rule (qwen_vl_utils and transformers): sides rounded to multiples of `factor`, then scaled
@@ -73,27 +61,17 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 def qwen_input_size(width: int, height: int, *, training: bool, pixels: int = VLM_PIXELS) -> tuple[int, int]:
     """(height, width) at which an image reaches Qwen2.5-VL in the official code (docs/official.md §3): training
-    resizes once at factor 56 (qwen_vl_utils' fetch_image(size_factor=56)); inference at factor 28, and then the
-    processor resizes that result again. A 768x512 image: 336x504 in training (216 tokens), 392x560 at inference
-    (280)."""
+    resizes once at factor 56 (qwen_vl_utils' fetch_image); inference at factor 28, then again in the processor."""
     if training:
         return smart_resize(height, width, 56, pixels, pixels)
     return smart_resize(*smart_resize(height, width, 28, pixels, pixels), 28, pixels, pixels)
 
 
 class Frozen(nn.Module):
-    """Base of the encoders: no parameter takes a gradient, and .train() leaves them in eval mode."""
-
-    def freeze(self):
-        self.requires_grad_(False)
-        return self.train(False)
+    """Base of the encoders, built frozen (requires_grad_(False).eval()); .train() keeps them in eval mode."""
 
     def train(self, mode: bool = True):
         return super().train(False)  # the VLM, SigLIP, T5 and CLIP are frozen in both stages (paper §3.2)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.buffers() if self.model is None else self.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,11 +87,10 @@ class VLMEncoder(Frozen):
         self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.vision_end_id = tokenizer.convert_tokens_to_ids(VISION_END)  # the j-th one closes the j-th image
         self.assistant_id = tokenizer.convert_tokens_to_ids("assistant")  # the task router reads its last one
-        self.freeze()
+        self.requires_grad_(False).eval()
 
     def prompt(self, instruction: str, n_images: int, train: bool = True) -> str:
-        """The prompt string before the image pads are expanded, as the official code builds it (docs/official.md
-        §2.2)."""
+        """The prompt before its image pads are expanded, as the official code builds it (docs/official.md §2.2)."""
         if train:  # Qwen2VLPrompter.get_train_prompt: no system turn; the answer <gen_image> becomes <|vision_start|>
             if instruction.count(IMAGE) != n_images:
                 raise ValueError(
@@ -124,13 +101,8 @@ class VLMEncoder(Frozen):
             return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n{VISION_START}"
         if IMAGE in instruction:  # app.py / cli.py: the text first, then the images
             raise ValueError(f"at inference the images follow the instruction; remove the {IMAGE} markers")
-        content = [{"type": "text", "text": instruction}] + [{"type": "image"}] * n_images
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-        if text.startswith(f"{IM_START}system"):  # official: drop the default system block
-            text = text.split(f"{IM_END}\n", 1)[1]
-        return text
+        # official: Qwen's chat template (apply_chat_template, add_generation_prompt) minus its default system turn
+        return f"{IM_START}user\n{instruction}{IMAGE_BLOCK * n_images}{IM_END}\n{IM_START}assistant\n"
 
     def tokenize(self, instructions: list[str], images: list[list[Image.Image]], train: bool = True) -> dict:
         """Prompts, images -> left-padded model inputs; each image's pad becomes grid.prod() / merge² pads."""
@@ -152,15 +124,12 @@ class VLMEncoder(Frozen):
         tok = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")  # official: left padding
         batch.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         batch["mm_token_type_ids"] = (tok["input_ids"] == self.image_pad_id).int()  # 1 on image tokens (M-RoPE)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.model.device) for k, v in batch.items()}
 
     @torch.no_grad()
     def forward(self, instructions: list[str], images: list[list[Image.Image]], train: bool = True):
-        """-> hidden (B, L, D), attention_mask (B, L), input_ids (B, L); rows are left-padded.
-
-        Image j of row b ends at the j-th `vision_end_id` in input_ids[b]; its SigLIP tokens go right before
-        (docs/official.md §2.3).
-        """
+        """-> hidden (B, L, D), attention_mask (B, L), input_ids (B, L), rows left-padded. Image j of row b ends at the
+        j-th `vision_end_id` of input_ids[b]; its SigLIP tokens go right before it (docs/official.md §2.3)."""
         batch = self.tokenize(instructions, images, train)
         qwen = self.model.model  # ViT + text decoder, no lm_head
         ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw")
@@ -176,11 +145,6 @@ class VLMEncoder(Frozen):
         batch = self.tokenize([question], [list(images)], train=False)
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens)
         return self.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    def save_pretrained(self, folder: str):
-        """Write the Qwen hub layout: config, weights, tokenizer, chat template, preprocessor config."""
-        for part in (self.model, self.tokenizer, self.image_processor):
-            part.save_pretrained(folder)
 
 
 def _expand_pads(text: str, counts: list[int]) -> str:
@@ -199,8 +163,6 @@ def load_vlm(path_or_id: str = QWEN_ID, pixels: int = VLM_PIXELS, dtype: torch.d
                   ignore=("denoise_tower.",))
     local = os.path.isdir(path_or_id)
     tokenizer = Qwen2Tokenizer.from_pretrained(path_or_id, local_files_only=local)
-    if tokenizer.chat_template is None:  # a folder that keeps it only in the processor's chat_template.json
-        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path_or_id, local_files_only=local)
     return VLMEncoder(model, tokenizer, image_processor, pixels)
 
@@ -213,7 +175,6 @@ def tiny_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, words: list[str] 
     specials = [IM_START, VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>"]
     tok.add_special_tokens({"additional_special_tokens": specials})
     _add_words(tok, words)
-    tok.chat_template = QWEN_CHAT_TEMPLATE
     ids = tok.convert_tokens_to_ids
     half = hidden // 4 // 2  # 4 heads; M-RoPE splits head_dim / 2 over (t, h, w) like 7B's [16, 24, 24]
     config = Qwen2_5_VLConfig(
@@ -239,15 +200,14 @@ def tiny_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, words: list[str] 
 
 
 class SiglipEncoder(Frozen):
-    """SigLIP vision tower: last_hidden_state (after post-layernorm, no pooling head) of each image
-    (docs/official.md §1.3)."""
+    """SigLIP vision tower: last_hidden_state (post-layernorm, no pooling head) per image (docs/official.md §1.3)."""
 
     def __init__(self, model: SiglipVisionModel, image_processor):
         super().__init__()
         self.model, self.image_processor = model, image_processor
         self.size = model.config.image_size  # 512 for siglip2-so400m-patch16-512
         self.tokens = (self.size // model.config.patch_size) ** 2  # 1024
-        self.freeze()
+        self.requires_grad_(False).eval()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """Squash to size² (no crop), rescale 1/255, normalise with mean = std = 0.5: (N, 3, S, S) in [-1, 1]."""
@@ -259,9 +219,8 @@ class SiglipEncoder(Frozen):
     def forward(self, images: list[Image.Image]) -> torch.Tensor:
         """-> (N, T, C): T = (size / patch)², C = hidden (1024, 1152 at full size); (0, T, C) for no images."""
         if not images:
-            width = self.model.config.hidden_size
-            return torch.zeros(0, self.tokens, width, device=self.device, dtype=self.model.dtype)
-        pixels = self.preprocess(images).to(self.device, self.model.dtype)
+            return torch.zeros(0, self.tokens, self.model.config.hidden_size).to(self.model.device, self.model.dtype)
+        pixels = self.preprocess(images).to(self.model.device, self.model.dtype)
         return self.model(pixel_values=pixels).last_hidden_state
 
     def save_pretrained(self, folder: str):
@@ -277,10 +236,9 @@ def load_siglip(path_or_id: str = SIGLIP_ID, dtype: torch.dtype | None = None) -
     return SiglipEncoder(model, image_processor)
 
 
-def tiny_siglip(seed: int = 0, hidden: int = 32, image_size: int = 64, patch: int = 16,
-                layers: int = 2) -> SiglipEncoder:
+def tiny_siglip(seed: int = 0, hidden: int = 32, image_size: int = 64, patch: int = 16) -> SiglipEncoder:
     """A random SigLIP vision tower: (N, (image_size / patch)², hidden) = (N, 16, 32) by default."""
-    config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                 num_attention_heads=2, image_size=image_size, patch_size=patch, vision_use_head=False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -298,12 +256,11 @@ class ClipPooled(Frozen):
     def __init__(self, model: CLIPTextModel | None = None, tokenizer=None, dim: int = 768):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.dim = model.config.hidden_size if model is not None else dim
-        self.register_buffer("zero", torch.zeros(self.dim), persistent=False)
+        self.register_buffer("zero", torch.zeros(dim), persistent=False)  # the pooled vector without a model
         if model is None:
             logger.warning("no CLIP weights: the pooled prompt vector is zeros (%d); the official recipe uses "
                            "CLIP-L('')", dim)
-        self.freeze()
+        self.requires_grad_(False).eval()
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
@@ -311,7 +268,7 @@ class ClipPooled(Frozen):
         if self.model is None:
             return self.zero.expand(len(prompts), -1)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")["input_ids"].to(self.device)
+                             truncation=True, return_tensors="pt")["input_ids"].to(self.model.device)
         return self.model(input_ids=ids).pooler_output
 
 
@@ -321,30 +278,29 @@ class T5Encoder(Frozen):
     def __init__(self, model: T5EncoderModel, tokenizer, max_length: int = 512):
         super().__init__()
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length  # 512 dev; 256 in app.py/cli.py
-        self.freeze()
+        self.requires_grad_(False).eval()
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
         """-> (B, max_length, d_model); the padding tokens are encoded and kept, unmasked."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt")["input_ids"].to(self.device)
+                             return_tensors="pt")["input_ids"].to(self.model.device)
         return self.model(input_ids=ids).last_hidden_state
 
 
-def load_clip(path_or_id: str = FLUX_ID, dtype: torch.dtype | None = None, subfolders=("text_encoder", "tokenizer")):
-    """CLIP-L text encoder of a FLUX folder or hub id (subfolders=("", "") for a plain CLIP folder)."""
-    model = _load(CLIPTextModel, path_or_id, subfolder=subfolders[0], dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder=subfolders[1],
-                                              local_files_only=os.path.isdir(path_or_id))
+def load_clip(path_or_id: str = FLUX_ID, dtype: torch.dtype | None = None) -> ClipPooled:
+    """CLIP-L text encoder of a FLUX folder or hub id (text_encoder/, tokenizer/)."""
+    model = _load(CLIPTextModel, path_or_id, subfolder="text_encoder", dtype=dtype)
+    local = os.path.isdir(path_or_id)
+    tokenizer = CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", local_files_only=local)
     return ClipPooled(model, tokenizer)
 
 
-def load_t5(path_or_id: str = FLUX_ID, max_length: int = 512, dtype: torch.dtype | None = None,
-            subfolders=("text_encoder_2", "tokenizer_2")) -> T5Encoder:
-    """T5-XXL encoder of a FLUX folder or hub id (subfolders=("", "") for a plain T5 folder)."""
-    model = _load(T5EncoderModel, path_or_id, subfolder=subfolders[0], dtype=dtype)
-    tokenizer = T5Tokenizer.from_pretrained(path_or_id, subfolder=subfolders[1],
-                                            local_files_only=os.path.isdir(path_or_id))
+def load_t5(path_or_id: str = FLUX_ID, max_length: int = 512, dtype: torch.dtype | None = None) -> T5Encoder:
+    """T5-XXL encoder of a FLUX folder or hub id (text_encoder_2/, tokenizer_2/)."""
+    model = _load(T5EncoderModel, path_or_id, subfolder="text_encoder_2", dtype=dtype)
+    local = os.path.isdir(path_or_id)
+    tokenizer = T5Tokenizer.from_pretrained(path_or_id, subfolder="tokenizer_2", local_files_only=local)
     return T5Encoder(model, tokenizer, max_length)
 
 
@@ -367,9 +323,7 @@ def _source(path_or_id: str, what: str, subfolder: str = "") -> dict:
 
 def _load(cls, path_or_id: str, subfolder: str = "", dtype=None, ignore: tuple[str, ...] = (), **kwargs):
     """cls.from_pretrained with our own key report: missing weights are an error; keys under `ignore` are expected."""
-    kwargs.update(_source(path_or_id, cls.__name__, subfolder))
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs.update(_source(path_or_id, cls.__name__, subfolder), dtype=dtype)  # dtype None: the checkpoint's
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its LOAD REPORT would list e.g. the release's denoise_tower.* keys as UNEXPECTED
     try:
@@ -380,7 +334,7 @@ def _load(cls, path_or_id: str, subfolder: str = "", dtype=None, ignore: tuple[s
         raise ValueError(f"{path_or_id}: {len(info['missing_keys'])} weights of {cls.__name__} are missing (e.g. "
                          f"{sorted(info['missing_keys'])[:3]}); is this the right checkpoint?")
     skipped = [k for k in info["unexpected_keys"] if k.startswith(ignore)]
-    other = sorted(set(info["unexpected_keys"]) - set(skipped))
+    other = sorted(k for k in info["unexpected_keys"] if not k.startswith(ignore))
     if skipped:
         logger.info("%s: skipped %d keys that %s does not use (%s...)", path_or_id, len(skipped), cls.__name__, ignore)
     if other:
@@ -395,5 +349,4 @@ def _byte_vocab() -> dict[str, int]:
 
 def _add_words(tokenizer, words: list[str] | None):
     """Whole words as single tokens (a small world's vocabulary), matched only at word boundaries."""
-    if words:
-        tokenizer.add_tokens([AddedToken(w, single_word=True) for w in words])
+    tokenizer.add_tokens([AddedToken(w, single_word=True) for w in words or []])

@@ -71,8 +71,8 @@ AE_CONFIGS = {"flux": AutoEncoderConfig(),  # tiny: 8x down like FLUX's, so mask
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000, time_factor: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding of t in [0, 1] (or a raw guidance scale), scaled by 1000 in fp32, cos first (BFL layers.py;
-    BFL and diffusers scale in the input dtype, which in bf16 rounds 0.7 * 1000 to 700: README, Performance)."""
+    """Sinusoidal embedding of t in [0, 1] (or a raw guidance scale), cos first (BFL layers.py). Scaled by 1000 in fp32:
+    BFL and diffusers scale in the input dtype, which in bf16 rounds 0.7 * 1000 to 700 (docs/official.md §11.1)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = (time_factor * t.float())[:, None] * freqs[None]  # (B, half)
@@ -97,8 +97,7 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Joint attention with RoPE on q and k: (B, H, L, D) -> (B, L, H*D). `mask` (B, 1, 1, L) is False on padding
-    keys, so a padded text token changes nothing; FLUX itself never pads and passes None."""
+    """Joint attention with RoPE on q and k: (B, H, L, D) -> (B, L, H*D); `mask` (B, 1, 1, L) is False on padding."""
     x = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v, attn_mask=mask)
     return x.transpose(1, 2).flatten(2)
 
@@ -431,10 +430,7 @@ class AutoEncoder(nn.Module):
 
 
 class PixelUnshuffle(nn.Module):
-    """A weightless autoencoder stand-in: pixels (B, 3, H, W) <-> "latents" (B, 3f², H/f, W/f) by pixel (un)shuffle.
-
-    For models trained in pixel space; a weights folder names it in vae/config.json ("_class_name": "PixelUnshuffle"),
-    so that it loads like FLUX's VAE."""
+    """A weightless autoencoder for pixel-space models: (B, 3, H, W) <-> (B, 3f², H/f, W/f) by pixel (un)shuffle."""
 
     def __init__(self, factor: int = 2):
         super().__init__()
@@ -486,13 +482,11 @@ def resolution_mu(image_seq_len: int, base_len: int = 256, max_len: int = 4096, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Official weights (docs/official.md §10.3-10.4). Every layout is a table: our key -> the pieces of official tensors
-# it is made of, each (official key, (first row, last row)) with None for a whole tensor. Loading reads the pieces
-# straight from the safetensors files (row slices included), so a checkpoint is never held twice; export runs the
-# table backwards.
+# Official weights (docs/official.md §10.3-10.4). A layout maps each of our keys to the pieces of official tensors it
+# is made of, each (official key, (first row, last row)) or None for a whole tensor. Loading reads the pieces straight
+# from the safetensors files, so a checkpoint is never held twice; export runs the layout backwards.
 
 Pieces = list[tuple[str, tuple[int, int] | None]]
-FORMATS = ("bfl", "diffusers")
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # safetensors' floating-point types
 
@@ -513,36 +507,28 @@ def _flux_layout(c: FluxConfig, fmt: str) -> dict[str, Pieces]:
 
 
 def _diffusers_flux_pieces(p: list[str], h: int) -> Pieces:
-    """Where one of our FLUX tensors lives in diffusers' FluxTransformer2DModel (convert_flux_to_diffusers.py)."""
+    """Where one of our FLUX tensors (its key split at the dots) lives in diffusers' FluxTransformer2DModel."""
     last = p[-1] if p[-1] != "scale" else "weight"
     top = {"img_in": "x_embedder", "txt_in": "context_embedder", "time_in": "time_text_embed.timestep_embedder",
            "vector_in": "time_text_embed.text_embedder", "guidance_in": "time_text_embed.guidance_embedder"}
-    if p[0] in ("img_in", "txt_in"):
-        return [(f"{top[p[0]]}.{last}", None)]
-    if p[0] in ("time_in", "vector_in", "guidance_in"):
-        return [(f"{top[p[0]]}.{'linear_1' if p[1] == 'in_layer' else 'linear_2'}.{last}", None)]
+    if p[0] in top:  # the MLP embedders' in_layer and out_layer are linear_1 and linear_2
+        layer = {"in_layer": ".linear_1", "out_layer": ".linear_2"}.get(p[1], "")
+        return [(f"{top[p[0]]}{layer}.{last}", None)]
     if p[0] == "final_layer":  # diffusers chunks (scale, shift), BFL (shift, scale): the halves swap
         n = "norm_out.linear." + last
         return [(f"proj_out.{last}", None)] if p[1] == "linear" else [(n, (h, 2 * h)), (n, (0, h))]
-    i, name = p[1], ".".join(p[2:-1])
-    if p[0] == "double_blocks":
-        b = f"transformer_blocks.{i}."
-        if name.endswith("attn.qkv"):
-            qkv = ("to_q", "to_k", "to_v") if name.startswith("img") else ("add_q_proj", "add_k_proj", "add_v_proj")
-            return [(f"{b}attn.{n}.{last}", None) for n in qkv]
-        names = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
-                 "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
-                 "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
-                 "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
-                 "img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
-                 "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
-        return [(f"{b}{names[name]}.{last}", None)]
-    b = f"single_transformer_blocks.{i}."
-    if name == "qkv":
-        return [(f"{b}attn.{n}.{last}", None) for n in ("to_q", "to_k", "to_v")]
-    names = {"mlp_in": "proj_mlp", "linear2": "proj_out", "modulation.lin": "norm.linear",
-             "norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
-    return [(f"{b}{names[name]}.{last}", None)]
+    double = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+              "img_attn.qkv": "attn.to_q attn.to_k attn.to_v",  # several names: our fused qkv is theirs stacked
+              "txt_attn.qkv": "attn.add_q_proj attn.add_k_proj attn.add_v_proj",
+              "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+              "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+              "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+              "img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+              "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
+    single = {"qkv": "attn.to_q attn.to_k attn.to_v", "mlp_in": "proj_mlp", "linear2": "proj_out",
+              "modulation.lin": "norm.linear", "norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
+    block, names = ("transformer_blocks", double) if p[0] == "double_blocks" else ("single_transformer_blocks", single)
+    return [(f"{block}.{p[1]}.{n}.{last}", None) for n in names[".".join(p[2:-1])].split()]
 
 
 def _ae_layout(c: AutoEncoderConfig, fmt: str) -> dict[str, Pieces]:
@@ -572,11 +558,9 @@ def _meta(cls, config) -> nn.Module:
 
 
 class Checkpoint:
-    """The tensors of a checkpoint's safetensors files (one file, or a model's shards) under a key prefix.
-
-    Read with safetensors.safe_open, each tensor opening its file alone: at most one tensor's pages are mapped at a
-    time, so loading holds the model built so far and the tensor being read, never the checkpoint twice. Opening a
-    file checks its header against its size: a truncated file is an error here, not NaN weights later."""
+    """The tensors of a safetensors file, or of a folder of shards, under a key prefix. Each read opens its file alone,
+    so at most one tensor's pages are mapped at a time; opening a file checks its header against its size, so a
+    truncated file is an error here, not NaN weights later."""
 
     PREFIXES = ("", "model.diffusion_model.", "denoise_tower.denoiser.", "first_stage_model.", "vae.")
 
@@ -635,8 +619,7 @@ class Checkpoint:
         return t
 
     def config(self) -> dict:
-        """The diffusers config beside the weights (transformer/config.json, vae/config.json, or a release's
-        denoiser_config): what shapes cannot tell (RoPE axes and theta, the autoencoder's normalisation)."""
+        """The config.json beside the weights (a release's: its denoiser_config), for what shapes cannot tell."""
         for f in (os.path.join(self.folder, "config.json"), os.path.join(os.path.dirname(self.folder), "config.json")):
             if os.path.isfile(f):
                 with open(f) as fh:
@@ -722,8 +705,7 @@ def load_flux(path: str, config: FluxConfig | None = None, dtype=None, device=No
 
 def load_autoencoder(path: str, config: AutoEncoderConfig | None = None, dtype=None,
                      device=None) -> AutoEncoder | PixelUnshuffle:
-    """An AutoEncoder from BFL's ae.safetensors or a diffusers `vae/` folder (or a folder holding one); a vae/ whose
-    config.json names "PixelUnshuffle" gives that weightless stand-in."""
+    """An AutoEncoder from BFL's ae.safetensors or a diffusers `vae/` folder; a PixelUnshuffle where vae/ names it."""
     config_json = os.path.join(path, "vae", "config.json")
     if os.path.isfile(config_json):
         with open(config_json) as f:
@@ -735,32 +717,26 @@ def load_autoencoder(path: str, config: AutoEncoderConfig | None = None, dtype=N
     return _load(AutoEncoder, ck, config or _infer_ae_config(ck), _ae_layout, dtype, device)
 
 
-def to_official(state: dict[str, Tensor], table: dict[str, Pieces]) -> dict[str, Tensor]:
-    """Our state dict -> an official one, by running a layout table backwards (works on meta tensors too)."""
-    out, parts = {}, {}
-    for key, pieces in table.items():
-        if all(rows is None for _, rows in pieces):
-            out.update({src: chunk for (src, _), chunk in zip(pieces, state[key].chunk(len(pieces)), strict=True)})
-            continue
-        offset = 0
-        for src, (a, b) in pieces:
-            parts.setdefault(src, []).append((a, state[key][offset : offset + b - a]))
-            offset += b - a
-    out.update({src: torch.cat([t for _, t in sorted(ps, key=lambda p: p[0])]) for src, ps in parts.items()})
-    return out
+def _to_official(model: nn.Module, layout, fmt: str) -> dict[str, Tensor]:
+    """The model's weights under the official names of `fmt`, by running its layout backwards (meta tensors too)."""
+    if fmt not in ("bfl", "diffusers"):
+        raise ValueError(f"unknown weight format {fmt!r}: use 'bfl' or 'diffusers'")
+    state, parts = model.state_dict(), {}  # official key -> [(its first row, a view of our tensor)]
+    for key, pieces in layout(model.config, fmt).items():
+        sizes = [rows[1] - rows[0] if rows else len(state[key]) // len(pieces) for _, rows in pieces]
+        for (src, rows), t in zip(pieces, state[key].split(sizes), strict=True):
+            parts.setdefault(src, []).append((rows[0] if rows else 0, t))
+    return {src: ps[0][1] if len(ps) == 1 else torch.cat([t for _, t in sorted(ps, key=lambda p: p[0])])
+            for src, ps in parts.items()}
 
 
 def flux_state_dict(model: Flux, fmt: str = "bfl") -> dict[str, Tensor]:
-    """The model's weights under the official BFL or diffusers names."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown weight format {fmt!r}: use 'bfl' or 'diffusers'")
-    return to_official(model.state_dict(), _flux_layout(model.config, fmt))
+    """The model's weights under the official BFL or diffusers names (views of its tensors where possible)."""
+    return _to_official(model, _flux_layout, fmt)
 
 
 def autoencoder_state_dict(model: AutoEncoder, fmt: str = "bfl") -> dict[str, Tensor]:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown weight format {fmt!r}: use 'bfl' or 'diffusers'")
-    out = to_official(model.state_dict(), _ae_layout(model.config, fmt))
+    out = _to_official(model, _ae_layout, fmt)
     if fmt == "diffusers":  # diffusers' mid-block attention uses Linear layers where BFL has 1x1 convs
         out = {k: t.flatten(1) if ".attentions." in k and t.ndim == 4 else t for k, t in out.items()}
     return out
@@ -768,8 +744,7 @@ def autoencoder_state_dict(model: AutoEncoder, fmt: str = "bfl") -> dict[str, Te
 
 def save_flux(model: Flux, path: str, fmt: str = "bfl") -> None:
     """Write a BFL single file (path = *.safetensors) or a diffusers `transformer/` folder (path = folder)."""
-    sd = {k: t.contiguous() for k, t in flux_state_dict(model, fmt).items()}
-    return save_file(sd, path) if fmt == "bfl" else _save_folder(path, sd, diffusers_config(model.config))
+    _save(path, flux_state_dict(model, fmt), diffusers_config(model.config) if fmt == "diffusers" else None)
 
 
 def diffusers_config(c: FluxConfig) -> dict:
@@ -785,15 +760,14 @@ def diffusers_config(c: FluxConfig) -> dict:
 
 
 def save_autoencoder(model: AutoEncoder | PixelUnshuffle, path: str, fmt: str = "bfl") -> None:
-    """Write BFL's ae.safetensors layout (path = file) or a diffusers `vae/` folder (path = folder); a PixelUnshuffle
-    is a folder with its config.json alone."""
+    """Write BFL's ae.safetensors (path = file) or a diffusers `vae/` folder (a PixelUnshuffle: config.json alone)."""
     if isinstance(model, PixelUnshuffle):
-        return _save_folder(path, {}, {"_class_name": "PixelUnshuffle", "factor": model.factor})
-    sd = {k: t.contiguous() for k, t in autoencoder_state_dict(model, fmt).items()}
+        return _save(path, {}, {"_class_name": "PixelUnshuffle", "factor": model.factor})
+    sd = autoencoder_state_dict(model, fmt)
     if fmt == "bfl":
-        return save_file(sd, path)
+        return _save(path, sd, None)
     c, n = model.config, len(model.config.ch_mult)
-    _save_folder(path, sd, {
+    _save(path, sd, {
         "_class_name": "AutoencoderKL", "in_channels": c.in_channels, "out_channels": c.out_ch,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "block_out_channels": [c.ch * m for m in c.ch_mult], "layers_per_block": c.num_res_blocks,
@@ -802,10 +776,13 @@ def save_autoencoder(model: AutoEncoder | PixelUnshuffle, path: str, fmt: str = 
         "mid_block_add_attention": True, "sample_size": 1024})
 
 
-def _save_folder(folder: str, sd: dict[str, Tensor], config: dict) -> None:
-    """A diffusers model folder: diffusion_pytorch_model.safetensors (if any weights) and config.json."""
-    os.makedirs(folder, exist_ok=True)
+def _save(path: str, sd: dict[str, Tensor], config: dict | None) -> None:
+    """One safetensors file (config None), or a diffusers model folder: config.json and the weights, if any."""
+    sd = {k: t.contiguous() for k, t in sd.items()}
+    if config is None:
+        return save_file(sd, path)
+    os.makedirs(path, exist_ok=True)
     if sd:
-        save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
+        save_file(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -25,8 +25,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops
 
-__all__ = ["WEIGHTINGS", "EditTooSmall", "edit_mask", "loss_weights"]
-
 THRESHOLD = 18  # official: a pixel is edited if its grayscale difference is >= 18
 MIN_COMPONENT = 0.3  # components below this fraction of the foreground are noise
 MIN_RATIO = 0.001  # edits covering less of the image are rejected
@@ -46,19 +44,15 @@ class EditTooSmall(ValueError):
 
 
 def _difference_mask(reference: Image.Image, target: Image.Image) -> np.ndarray:
-    """Step 1: (H, W) bool, grayscale difference >= 18.
-
-    PIL's own "L", as official: (19595 R + 38470 G + 7471 B + 2**15) >> 16, i.e. 299/587/114 per mille in 16-bit
-    fixed point, which rounds differently from (299 R + 587 G + 114 B) / 1000 on ties and near the threshold.
-    """
+    """Step 1: (H, W) bool, grayscale difference >= 18. PIL's own "L", as official: (19595 R + 38470 G + 7471 B +
+    2**15) >> 16, i.e. 299/587/114 per mille in 16-bit fixed point, which rounds differently from
+    (299 R + 587 G + 114 B) / 1000 on ties and near the threshold."""
     diff = ImageChops.difference(reference.convert("RGB"), target.convert("RGB")).convert("L")
     return np.asarray(diff) >= THRESHOLD
 
 
 def _dilate(m: np.ndarray) -> np.ndarray:
-    """Binary dilation by cv2's 5x5 MORPH_ELLIPSE, zero outside the image (cv2's default border for dilation).
-
-    The ellipse is rows -1..1 at full width plus the centre column at rows -2 and 2:
+    """Binary dilation by cv2's 5x5 MORPH_ELLIPSE, zero outside the image (cv2's default border for dilation):
         . . # . .
         # # # # #
         # # # # #
@@ -73,11 +67,8 @@ def _dilate(m: np.ndarray) -> np.ndarray:
 
 
 def _close(m: np.ndarray) -> np.ndarray:
-    """Step 2: closing = dilation, then erosion, as cv2.morphologyEx(MORPH_CLOSE) with its default border.
-
-    Erosion is the complement of the dilated complement; the zero padding of that dilation is cv2's "max" border
-    for erosion, so the image border never erodes.
-    """
+    """Step 2: closing = dilation, then erosion, as cv2.morphologyEx(MORPH_CLOSE). Erosion is the complement of the
+    dilated complement, whose zero padding is cv2's default "max" border for erosion: the image border never erodes."""
     return ~_dilate(~_dilate(m))
 
 
@@ -92,11 +83,9 @@ def _runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _label_runs(start: np.ndarray, end: np.ndarray, row: int) -> np.ndarray:
-    """Component of each run (its smallest run index) under 8-connectivity, by a vectorised union-find.
-
-    A run [s, e) touches a run [s', e') of the next row iff s' <= e and e' >= s (diagonal steps count). Those runs
-    form one contiguous slice [lo, hi) of the sorted runs, found by binary search one row (`row` positions) down.
-    """
+    """Component of each run (its smallest run index) under 8-connectivity, by a vectorised union-find. A run [s, e)
+    touches a run [s', e') of the next row iff s' <= e and e' >= s (diagonal steps count); those runs form one
+    contiguous slice [lo, hi) of the sorted runs, found by binary search one row (`row` positions) down."""
     lo = np.searchsorted(end, start + row, side="left")
     hi = np.searchsorted(start, end + row, side="right")
     count = hi - lo  # (n,) touching runs below each run
@@ -137,32 +126,26 @@ def edit_mask(references: list[Image.Image], target: Image.Image) -> np.ndarray:
         raise ValueError("edit_mask needs at least one reference image (a text-to-image sample has no edit region)")
     for i, ref in enumerate(references):
         if ref.size != target.size:
-            raise ValueError(
-                f"reference {i} is {ref.size[0]}x{ref.size[1]} but the target is {target.size[0]}x{target.size[1]}; "
-                "resize the references to the target size first, as the official data loader does"
-            )
+            raise ValueError(f"reference {i} is {ref.size[0]}x{ref.size[1]} but the target is {target.size[0]}x"
+                             f"{target.size[1]}; resize the references to the target size first, as the official "
+                             "data loader does")
     per_reference = [_drop_small_components(_close(_difference_mask(ref, target))) for ref in references]
     return np.logical_and.reduce(per_reference)
 
 
 def _to_latent_grid(m: np.ndarray, factor: int = VAE_FACTOR) -> np.ndarray:
     """Step 6: (H, W) -> (H // f, W // f): max-pool with kernel = stride = f (floor, like F.max_pool2d), close again.
-
     f = `factor`, the autoencoder's downsampling: 8 for FLUX's VAE (official), 2 for a pixel-space stand-in."""
     h, w = m.shape[0] // factor, m.shape[1] // factor
     rows = m[: h * factor, : w * factor].reshape(h, factor, w * factor).any(axis=1)
     return _close(rows.reshape(h, w, factor).any(axis=2))
 
 
-def loss_weights(
-    references: list[Image.Image], target: Image.Image, kind: str = "log", need_weight: bool = True,
-    factor: int = VAE_FACTOR,
-) -> torch.Tensor:
+def loss_weights(references: list[Image.Image], target: Image.Image, kind: str = "log", need_weight: bool = True,
+                 factor: int = VAE_FACTOR) -> torch.Tensor:
     """Paper §3.5 loss weights per latent pixel, (1, H // factor, W // factor) float32: w(A_total / A_edit) on the edit.
-
     `references` is empty for text-to-image; `need_weight` is the per-dataset switch (3rd column of data.txt); kind
-    "none" keeps every weight at 1. Raises EditTooSmall when the edit covers under 0.1% of the image.
-    """
+    "none" keeps every weight at 1. Raises EditTooSmall when the edit covers under 0.1% of the image."""
     if kind not in WEIGHTINGS and kind != "none":
         raise ValueError(f"unknown weighting kind {kind!r}; choose one of {sorted(WEIGHTINGS)} or 'none'")
     W, H = target.size

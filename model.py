@@ -9,9 +9,8 @@
     FLUX image stream = packed noisy VAE latents of the target only: no reference latents (the paper's point)
 
 Training is rectified flow on the target's latents, weighted per latent pixel by the edit mask (paper §3.5, masks.py).
-Stage 1 trains the denoise_projector alone; stage 2 adds the siglip_projector and FLUX's image-branch attention
-and modulation in all 57 blocks (paper §3.2). Stage 0 is not the paper's: it trains the whole denoiser from scratch,
-standing in for FLUX.1's own pretraining in small experiments.
+Stage 1 trains the denoise_projector alone; stage 2 adds the siglip_projector and FLUX's image-branch attention and
+modulation in all 57 blocks (paper §3.2); stage 0, not the paper's, trains the denoiser from scratch (small worlds).
 """
 
 import json
@@ -67,13 +66,12 @@ class Encoders:
         as official), everything moved to `device`. A batch from the encoder cache already has both."""
         if "features" not in batch:
             batch = {**batch, "features": self.features(batch["instruction"], batch["references"]),
-                     "latents": self.ae.encode(batch["pixels"].to(self.vlm.device)).float()}
+                     "latents": self.ae.encode(batch["pixels"].to(self.vlm.model.device)).float()}
         return to(batch, device)
 
     @torch.no_grad()
     def pooled(self, prompts: list[str], dim: int = 768) -> Tensor:
-        """The pooled vector y: CLIP-L of the prompt ("" in training, docs/official.md §2.5), or zeros (B, dim)
-        without CLIP weights."""
+        """The pooled vector y (B, dim): CLIP-L of the prompts ("" in training, docs/official.md §2.5), else zeros."""
         if self.clip is None:
             self.clip = ClipPooled(dim=dim)  # warns once that the pooled vector is zeros
         return self.clip(prompts)
@@ -108,15 +106,11 @@ class UniWorld(nn.Module):
         self.siglip_projector = connector(siglip_dim, ctx)
 
     def text_stream(self, features: list[dict], t5: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Per-sample features -> FLUX text tokens (B, L, ctx) and their padding mask (B, L), False on padding
-        (None when no sample is padded). Paper §3.1, official `_insert_img_to_vlm` (docs/official.md §2.3).
-
-        A sample's stream is its projected VLM tokens with each reference image's projected SigLIP block inserted
-        right before that image's <|vision_end|>:
-            ... <|vision_start|> [Qwen image tokens] [SigLIP tokens of that image] <|vision_end|> ...
-        then, at inference, the T5 tokens of the prompt (t5: (B, L_t5, ctx)). Text ids are all zero, so FLUX sees
-        the text tokens as a set: the order matters to nobody but a reader. Streams are left-padded with zeros to
-        the longest; the mask makes FLUX ignore the padding, so a sample's output does not depend on its batch."""
+        """Per-sample features -> FLUX text tokens (B, L, ctx) and their padding mask (B, L), False on padding (None
+        when no sample is padded). Paper §3.1, official `_insert_img_to_vlm` (docs/official.md §2.3). A sample's stream:
+            ... <|vision_start|> [Qwen image tokens] [SigLIP tokens of that image] <|vision_end|> ... [T5 at inference]
+        Text ids are all zero, so FLUX sees the text tokens as a set: the order matters to nobody but a reader. Streams
+        are left-padded with zeros; the mask hides the padding, so a sample's output does not depend on its batch."""
         # each connector runs once over the whole batch's tokens, then the streams are laid out per sample
         vlm = self.denoise_projector(torch.cat([f["vlm"] for f in features])).split([len(f["vlm"]) for f in features])
         refs = [f["siglip"] for f in features if f.get("siglip") is not None]  # each (n_img, T, siglip_dim)
@@ -151,11 +145,8 @@ class UniWorld(nn.Module):
     def loss(self, batch: dict, generator: torch.Generator | None = None, sigma: Tensor | None = None,
              noise: Tensor | None = None, mu: float | None = None) -> Tensor:
         """Rectified flow on the target latents, weighted per latent pixel (paper §3.1, §3.5; docs/official.md §4).
-
-        batch: `latents` (B, C, h, w), `features` (list of B dicts), `pooled` (B, vec), and optionally
-        `weights` (B, 1, h, w) from masks.py and `valid` (B, 1, h, w), 0 on padded latent pixels. The noise levels
-        sigma (B,) and the noise (B, C, h, w) are drawn from `generator` unless given (e.g. a fixed validation set);
-        `mu` overrides the resolution rule's shift of sigma."""
+        batch: `latents` (B, C, h, w), `features` (B dicts), `pooled` (B, vec), optional `weights` (B, 1, h, w) from
+        masks.py. sigma (B,) and noise (B, C, h, w) come from `generator` unless given; `mu` overrides the shift."""
         x0 = batch["latents"]
         B, _, h, w = x0.shape
         if sigma is None:
@@ -166,7 +157,7 @@ class UniWorld(nn.Module):
         x_t = (1 - s) * x0 + s * noise
         txt, txt_mask = self.text_stream(batch["features"])
         pred = self.velocity(x_t, sigma, txt, batch["pooled"], guidance=1.0, txt_mask=txt_mask)
-        loss = weighted_mse(pred, noise - x0, batch.get("weights"), batch.get("valid"))
+        loss = weighted_mse(pred, noise - x0, batch.get("weights"))
         first = self.siglip_projector[0]
         if first.weight.requires_grad and all(f.get("siglip") is None for f in batch["features"]):
             # official: without references a dummy zero SigLIP input still runs through the connector, so every
@@ -176,19 +167,16 @@ class UniWorld(nn.Module):
 
 
 def sample_sigmas(batch: int, image_seq_len: int, generator=None, device=None, mu: float | None = None) -> Tensor:
-    """sigma = sigmoid(N(0, 1)) (logit-normal), then FLUX's resolution shift with mu from the image token count
-    (docs/official.md §4.2)."""
+    """sigma = sigmoid(N(0, 1)), then FLUX's resolution shift, mu from the token count (docs/official.md §4.2)."""
     sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
     return flux.time_shift(flux.resolution_mu(image_seq_len) if mu is None else mu, sigma)
 
 
-def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
-    """mean(w * (pred - target)^2) over channels and non-padded latent pixels; w, valid (B, 1, h, w) broadcast
-    over the C latent channels (official: the mask weights each latent pixel, before 2x2 packing)."""
+def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """mean(w * (pred - target)^2); w (B, 1, h, w) broadcasts over the C latent channels (official: the mask weights
+    each latent pixel, before 2x2 packing)."""
     err = (pred.float() - target.float()).pow(2)  # (B, C, h, w)
-    w = torch.ones_like(err[:, :1]) if weights is None else weights.float()
-    valid = torch.ones_like(w) if valid is None else valid.float()
-    return (err * w * valid).sum() / (valid.sum() * err.shape[1])
+    return err.mean() if weights is None else (err * weights.float()).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,23 +194,19 @@ def set_stage(model: UniWorld, stage: int) -> list[str]:
     """Make exactly the stage's parameters trainable and freeze the rest; returns the trainable names."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage}: use 1 or 2 (0 = pretraining the whole denoiser from scratch)")
-    names = []
     for name, p in model.named_parameters():
         p.requires_grad_(re.match(STAGES[stage], name) is not None)
-        names += [name] if p.requires_grad else []
-    return names
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Official weights: the LanguageBind/UniWorld-V1 release layout, the Redux initialisation of the SigLIP connector
 
 
-def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True, vlm_pixels: int = VLM_PIXELS,
-                  config: flux.FluxConfig | None = None) -> tuple[UniWorld, VLMEncoder | None]:
-    """The release folder (model-*.safetensors + index): denoise_tower.* -> UniWorld; visual/model/lm_head -> VLM.
-
-    Every tensor is read from disk straight into the model built on the meta device (flux.Checkpoint)."""
-    denoiser = flux.load_flux(path, config, dtype, device)  # finds the denoise_tower.denoiser. prefix
+def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True,
+                  vlm_pixels: int = VLM_PIXELS) -> tuple[UniWorld, VLMEncoder | None]:
+    """The release folder (model-*.safetensors + index): denoise_tower.* -> UniWorld; visual/model/lm_head -> VLM."""
+    denoiser = flux.load_flux(path, dtype=dtype, device=device)  # finds the denoise_tower.denoiser. prefix
     st = flux.Checkpoint(path, prefix="denoise_tower.")
     needed = [f"{c}.{i}.{p}" for c in ("denoise_projector", "siglip_projector") for i in (0, 2)
               for p in ("weight", "bias")]
@@ -239,14 +223,11 @@ def load_uniworld(path: str, dtype=None, device=None, with_vlm: bool = True, vlm
 
 
 def load_siglip_projector(model: UniWorld, path: str) -> None:
-    """Initialise the SigLIP connector from FLUX Redux (redux_up/redux_down) or flux-redux-siglipv2-512.bin
-    (docs/official.md §10.2)."""
+    """The SigLIP connector from FLUX Redux (redux_up/down) or flux-redux-siglipv2-512.bin (docs/official.md §10.2)."""
     if path.endswith(".safetensors"):
-        st = flux.Checkpoint(path)
-        names = {"0": "redux_up", "2": "redux_down"} if "redux_up.weight" in st.keys else None
-        if names is None:
-            st = flux.Checkpoint(path, prefix="denoise_tower.siglip_projector.")
-            names = {"0": "0", "2": "2"}
+        st, names = flux.Checkpoint(path), {"0": "redux_up", "2": "redux_down"}
+        if "redux_up.weight" not in st.keys:  # a UniWorld release
+            st, names = flux.Checkpoint(path, prefix="denoise_tower.siglip_projector."), {"0": "0", "2": "2"}
         state = {f"{i}.{p}": st.read(f"{n}.{p}") for i, n in names.items() for p in ("weight", "bias")
                  if f"{n}.{p}" in st.keys}
     else:  # the official .bin: a pickle, so only ever opened with weights_only

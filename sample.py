@@ -1,5 +1,4 @@
-"""Sample from UniWorld-V1 (Lin et al. 2025): edit, text to image, perception, several references, understanding, and
-files of many prompts on many GPUs.
+"""Sample from UniWorld-V1 (Lin et al. 2025): edit, text to image, perception, understanding, JSONL batches on GPUs.
 
 Generation is FLUX.1-dev's sampler (BFL sampling.py): Gaussian latents at sigma = 1, Euler steps of the rectified-flow
 ODE to sigma = 0 over a schedule shifted toward noise for large images, conditioned on UniWorld's text stream (model.py)
@@ -7,18 +6,15 @@ as the official inference builds it (docs/official.md §8: 28 steps, guidance 3.
 
     python sample.py --edit --image cat.png --prompt "Put a red hat on the cat." --out hat.png
     python sample.py --t2i --prompt "A lighthouse on a cliff at dawn, oil painting." --num-images 4 --seed 7
-    python sample.py --edit --image street.png --prompt "Generate a Canny edge map for this image."  # perception
     python sample.py --edit --image person.png --image shirt.png --prompt "Dress the person in this shirt."
     python sample.py --ask "What is unusual about this picture?" --image cat.png     # Qwen2.5-VL answers in text
     python sample.py --prompt "..." [--image x.png]   # no mode: the weights' task head decides, as the official app
     python sample.py --batch prompts.jsonl --out outputs/   # many rows; torchrun --nproc_per_node 8 shards them
 
-Weights (--weights): a folder in the release layout or a hub id (LanguageBind/UniWorld-V1); --flux (vae/, CLIP, T5)
-and --siglip default to the weights folder when it holds them (vae/, siglip/), else to the official hub ids. FLUX.1-dev
-is gated: accept its licence on huggingface.co, then `hf auth login`. A weights folder may carry sample.json, its own
-defaults (size anchor, steps, guidance, Qwen pixels), the examples that `--edit`/`--t2i` run without --prompt, and
-notes on modes it cannot serve. With no --weights, the bundled model of assets/ (32x32 shapes) runs:
-    python sample.py --edit                 # edits assets/toy/examples/edit.png
+Weights: --weights is a release-layout folder or hub id; --flux (vae/, CLIP, T5) and --siglip default to its vae/ and
+siglip/, else to the hub ids (FLUX.1-dev is gated: accept its licence, then `hf auth login`). Its sample.json may set
+defaults, the examples that `--edit`/`--t2i` run alone, and notes on modes it cannot serve. With no --weights:
+    python sample.py --edit                 # the bundled toy model (assets/toy, 32x32 shapes) edits its example
     python sample.py --edit --image my32.png --prompt "segment the red circle at the top left"
 """
 
@@ -31,6 +27,7 @@ import os
 import resource
 import time
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,28 +47,24 @@ FLUX_PARTS = ["vae/*", "text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tok
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")  # the default weights
 OFFICIAL = {"steps": 28, "guidance": 3.5, "area": 1024 * 1024, "vlm_pixels": 448 * 448}  # univa/serve/cli.py
 MAX_SIDE, MAX_STEPS, MAX_IMAGES = 4096, 1000, 64  # FLUX.1 is trained up to ~2 MP; beyond these, a typo
+Cond = tuple[Tensor, Tensor | None, Tensor]  # the text condition: txt (B, L, ctx), its padding mask (B, L), pooled y
 
 # ----------------------------------------------------------------------------------------------------------------
 # The sampler (also train.py's validation)
 
 
 def get_schedule(steps: int, image_seq_len: int, shift: bool = True) -> list[float]:
-    """steps + 1 noise levels from 1 to 0 (BFL `get_schedule`): linspace shifted by mu(image tokens), 256 -> 0.5,
-    4096 -> 1.15; schnell (no guidance embedding) is unshifted."""
+    """steps + 1 noise levels from 1 to 0 (BFL `get_schedule`), shifted by mu(image tokens) except for schnell."""
     sigmas = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     return (flux.time_shift(flux.resolution_mu(image_seq_len), sigmas) if shift else sigmas).tolist()
 
 
-def denoise(model: UniWorld, x: Tensor, sigmas: list[float], cond: tuple[Tensor, Tensor | None, Tensor],
-            guidance: float, negative: tuple[Tensor, Tensor | None, Tensor] | None = None, cfg: float = 1.0,
-            progress: bool = True) -> Tensor:
-    """Euler steps x <- x + (sigma_next - sigma) * v from noise to data; the state x (B, C, h, w) stays fp32.
-
-    `cond` = (txt, txt_mask, y): the text stream, its padding mask and the pooled vector. With `negative`, the same
-    of a negative instruction, v = v_neg + cfg * (v - v_neg) (true CFG, off officially)."""
+def denoise(model: UniWorld, x: Tensor, sigmas: list[float], cond: Cond, guidance: float, negative: Cond | None = None,
+            cfg: float = 1.0, progress: bool = True) -> Tensor:
+    """Euler steps x <- x + (sigma_next - sigma) * v from noise to data, the state x (B, C, h, w) in fp32; with the
+    condition of a `negative` instruction, true CFG v = v_neg + cfg * (v - v_neg) (off officially)."""
     dtype = next(model.parameters()).dtype
-    for sigma, sigma_next in tqdm(list(zip(sigmas[:-1], sigmas[1:], strict=True)), desc="denoising",
-                                  disable=not progress):
+    for sigma, sigma_next in tqdm(list(pairwise(sigmas)), desc="denoising", disable=not progress):
         s = torch.full((len(x),), sigma, device=x.device)
         v = model.velocity(x.to(dtype), s, cond[0], cond[2], guidance, cond[1]).float()
         if negative is not None:  # a separate pass: the two text streams differ in length
@@ -85,10 +78,9 @@ def denoise(model: UniWorld, x: Tensor, sigmas: list[float], cond: tuple[Tensor,
 def generate(model: UniWorld, encoders: Encoders, instructions: list[str], images: list[list[Image.Image]],
              height: int, width: int, seeds: list[int], steps: int = 28, guidance: float = 3.5, cfg: float = 1.0,
              negative: str = "", device=None, offload: bool = False, progress: bool = True) -> list[Image.Image]:
-    """One image per (instruction, reference images, seed); a sample's image does not depend on its batch-mates.
-    With a T5 in `encoders` this is the official inference ("joint T5": T5 of the instruction appended, pooled =
-    CLIP(instruction)); without, pooled = CLIP("") as in training. `offload`: every model waits on the CPU and
-    visits `device` only while it runs."""
+    """One image per (instruction, reference images, seed), independent of its batch-mates. With a T5 in `encoders`,
+    the official inference (joint T5: T5(instruction) appended, pooled = CLIP(instruction)); without, pooled = CLIP("")
+    as in training. `offload`: every model waits on the CPU and visits `device` only while it runs."""
     check_size(height, width)
     if not len(instructions) == len(images) == len(seeds):
         raise ValueError(f"give one instruction, image list and seed per sample: got {len(instructions)}, "
@@ -97,8 +89,7 @@ def generate(model: UniWorld, encoders: Encoders, instructions: list[str], image
     dtype, ae = next(model.parameters()).dtype, encoders.ae
     h, w, channels = height // ae.factor, width // ae.factor, model.denoiser.config.in_channels // 4  # latent grid
 
-    def condition(texts: list[str]) -> tuple[Tensor, Tensor | None, Tensor]:
-        """The text stream (B, L, ctx), its padding mask and the pooled vector (B, vec) of the instructions."""
+    def condition(texts: list[str]) -> Cond:
         with on(device, encoders.vlm, encoders.siglip, offload=offload):
             feats = encoders.features(texts, images, train=False)
         with on(device, encoders.t5, encoders.clip, offload=offload):
@@ -147,47 +138,6 @@ def save_image(image: Image.Image, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Output size and the numbers a user types
-
-
-def check_size(height: int, width: int) -> None:
-    """FLUX's latents are 1/8 of the pixels and are packed in 2x2 patches: sizes are positive multiples of 16."""
-    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or height % 16 or width % 16:
-        raise ValueError(f"height and width must be multiples of 16 from 16 to {MAX_SIDE}, got {height}x{width} "
-                         f"(h x w)")
-
-
-def output_size(height, width, area, refs: list[Image.Image], default_area: int) -> tuple[int, int]:
-    """height x width, else the references' mean size (any_11ratio at `area` pixels), else a square of `area` (t2i)."""
-    from data import dynamic_resize  # the official size policy lives with the data
-
-    if height is not None or width is not None:
-        if height is None or width is None or area is not None:
-            raise ValueError("give --height and --width together, without --area (or neither, to use --area)")
-        size = height, width
-    else:
-        area = default_area if area is None else area
-        if not 16 * 16 <= area <= MAX_SIDE**2:
-            raise ValueError(f"--area must be a number of pixels from 256 to {MAX_SIDE**2}, got {area}")
-        mean = lambda sizes: sum(sizes) / len(sizes)  # official: two references' sizes are averaged
-        h, w = (mean([r.height for r in refs]), mean([r.width for r in refs])) if refs else (1, 1)  # t2i: 1:1
-        size = dynamic_resize(h, w, area)
-    check_size(*size)
-    return size
-
-
-def check_numbers(steps, num_images, seed, guidance, cfg) -> None:
-    """Range checks before anything is allocated."""
-    if not (1 <= steps <= MAX_STEPS and 1 <= num_images <= MAX_IMAGES):
-        raise ValueError(f"steps must be 1 to {MAX_STEPS} and the number of images 1 to {MAX_IMAGES}, got {steps} "
-                         f"and {num_images}")
-    if not 0 <= seed < 2**63 - MAX_IMAGES:
-        raise ValueError(f"seeds are integers from 0 to 2**63, got {seed}")
-    if not all(math.isfinite(v) and 0 <= v <= 100 for v in (guidance, cfg)):
-        raise ValueError(f"guidance and cfg must be finite numbers from 0 to 100, got {guidance} and {cfg}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Weights: a release-layout folder (with, optionally, vae/ + text encoders, siglip/, task_head_final.pt, sample.json)
 
 
@@ -200,10 +150,10 @@ def locate(path_or_id: str, what: str, patterns: list[str] | None = None) -> str
     try:
         return snapshot_download(path_or_id, allow_patterns=patterns)
     except (OSError, ValueError) as e:  # gated, offline, missing: huggingface_hub's errors are OSError / ValueError
-        raise FileNotFoundError(
-            f"{what}: cannot download {path_or_id} ({type(e).__name__}: {' '.join(str(e).split())[:160]}...). For a "
-            f"gated repo (FLUX.1-dev) accept its licence on huggingface.co and run `hf auth login`; offline, pass a "
-            f"local folder") from e
+        reason = " ".join(str(e).split())[:160]
+        raise FileNotFoundError(f"{what}: cannot download {path_or_id} ({type(e).__name__}: {reason}...). For a gated "
+                                "repo (FLUX.1-dev) accept its licence on huggingface.co and run `hf auth login`; "
+                                "offline, pass a local folder") from e
 
 
 def defaults_of(weights: str) -> dict:
@@ -229,27 +179,24 @@ def load(args, weights: str, defaults: dict, device, dtype) -> tuple[UniWorld | 
     own = lambda part: os.path.isdir(os.path.join(weights, part))
     folder = args.flux or (weights if own("vae") else FLUX_ID)
     folder = locate(folder, "--flux", FLUX_PARTS[:3] if args.joint_t5 is False else FLUX_PARTS)
-    if args.joint_t5 and not os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        raise FileNotFoundError(f"--joint-t5 needs T5: no text_encoder_2/ in {folder}")
     siglip = locate(args.siglip or (os.path.join(weights, "siglip") if own("siglip") else SIGLIP_ID), "--siglip")
     with open(os.path.join(weights, "config.json")) as f:
         if json.load(f).get("joint_ref_feature"):
             raise ValueError(f"{weights} conditions on reference latents (joint_ref_feature), which sample.py does "
                              f"not run; load it with the code that trained it")
     has = lambda part: os.path.isdir(os.path.join(folder, part))
+    joint_t5 = has("text_encoder_2") and args.joint_t5 is not False
     model, vlm = load_uniworld(weights, dtype=dtype, device=where, vlm_pixels=pixels)
-    encoders = Encoders(
-        vlm=vlm.to(where), siglip=load_siglip(siglip, dtype=dtype).to(where),
-        ae=flux.load_autoencoder(folder, dtype=dtype, device=where),
-        clip=load_clip(folder, dtype=dtype).to(where) if has("text_encoder") else None,  # None: zeros, with a warning
-        t5=load_t5(folder, max_length=256, dtype=dtype).to(where)
-        if has("text_encoder_2") and args.joint_t5 is not False else None)
+    encoders = Encoders(vlm=vlm.to(where), siglip=load_siglip(siglip, dtype=dtype).to(where),
+                        ae=flux.load_autoencoder(folder, dtype=dtype, device=where),
+                        clip=load_clip(folder, dtype=dtype).to(where) if has("text_encoder") else None,  # None: zeros
+                        t5=load_t5(folder, max_length=256, dtype=dtype).to(where) if joint_t5 else None)
     head = os.path.join(weights, "task_head_final.pt")
     return model, encoders, load_task_head(head).to(where) if os.path.isfile(head) else None
 
 
 def pick_device(args) -> tuple[torch.device, torch.dtype]:
-    """--device (cuda if there is one; LOCAL_RANK's under torchrun) and --dtype (bf16 on CUDA, fp32 on the CPU)."""
+    """--device (cuda if there is one; LOCAL_RANK's under torchrun), and its dtype: bf16 on CUDA, fp32 on the CPU."""
     try:
         device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                               else "cpu"))
@@ -257,27 +204,18 @@ def pick_device(args) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"--device {args.device!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but PyTorch sees no CUDA GPU")
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    return device, dtypes[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-
-
-def peak_memory(device: torch.device) -> str:
-    """What --offload is for: peak GPU memory on CUDA, peak resident memory of the process on the CPU."""
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # ru_maxrss is in KiB (Linux)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batches of rows (--batch FILE.jsonl): each row as it would be alone, the rows sharded over torchrun's ranks
+# Batches of rows (--batch FILE.jsonl): each row as it would be alone, the images sharded over torchrun's ranks
 
 
 def read_rows(path: str, args, defaults: dict) -> tuple[list[dict], int]:
-    """The JSONL rows -> jobs (one per output image); a bad row is reported with its line number and skipped.
-
-    A row: {"prompt": str, "images": [paths relative to the file], "seed": int or "seeds": [int, ...],
-    "num_images": n, "height"/"width" or "area", "steps", "guidance", "resize": side of the saved square (GenEval:
-    512), "name": output stem, "{i}" for the image index (default: the line number)}."""
+    """The JSONL rows -> jobs (one per output image); a bad row is reported with its line number and skipped. A row:
+    {"prompt": str, "images": [paths relative to the file], "seed": int or "seeds": [int, ...], "num_images": n,
+    "height"/"width" or "area", "steps", "guidance", "resize": side of the saved square (GenEval: 512), "name": output
+    stem, "{i}" (or "{i:04d}") for the image index (default: the line number)}."""
     jobs, bad = [], 0
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
@@ -292,12 +230,11 @@ def read_rows(path: str, args, defaults: dict) -> tuple[list[dict], int]:
             seeds = row.get("seeds") or [row.get("seed", args.seed) + i for i in range(row.get("num_images", 1))]
             steps, guidance = row.get("steps", args.steps), row.get("guidance", args.guidance)
             check_numbers(steps, len(seeds), min(seeds), guidance, 1.0)
-            size = output_size(row.get("height"), row.get("width"), row.get("area", args.area), refs,
-                               defaults["area"])
+            size = output_size(row.get("height"), row.get("width"), row.get("area", args.area), refs, defaults["area"])
             if row.get("resize") is not None and not (type(row["resize"]) is int and 16 <= row["resize"] <= MAX_SIDE):
                 raise ValueError(f'"resize" is the side of the saved square, 16 to {MAX_SIDE} pixels')
             name = str(row.get("name", f"{n:06d}"))
-            names = [name.format(i=i) if "{i}" in name else name + (f"_{i}" if len(seeds) > 1 else "")
+            names = [name.format(i=i) if "{i" in name else name + (f"_{i}" if len(seeds) > 1 else "")
                      for i in range(len(seeds))]
             if any(os.path.isabs(s) or ".." in s.split("/") for s in names):
                 raise ValueError(f"the output name {name!r} must stay inside --out")
@@ -312,17 +249,16 @@ def read_rows(path: str, args, defaults: dict) -> tuple[list[dict], int]:
 
 
 def run_batch(args, model: UniWorld, encoders: Encoders, defaults: dict, device) -> None:
-    """This rank's rows, grouped by (size, steps, guidance) and run --batch-size images at a time; files that exist
-    are kept (a rerun resumes); results.jsonl records row -> file, seed, seconds."""
+    """This rank's images, grouped by (size, steps, guidance) and run --batch-size at a time; files that exist are
+    kept (a rerun resumes); results.jsonl records row -> file, seed, seconds."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # no process group needed
     jobs, bad = read_rows(args.batch, args, defaults)
-    lines = set(sorted({j["line"] for j in jobs})[rank::world])
-    mine = [j for j in jobs if j["line"] in lines and not os.path.isfile(j["file"])]
+    mine = [j for j in jobs[rank::world] if not os.path.isfile(j["file"])]
     groups = {}
     for j in mine:
         groups.setdefault((j["size"], j["steps"], j["guidance"]), []).append(j)
-    done, start = len([j for j in jobs if j["line"] in lines]) - len(mine), time.perf_counter()
-    bar = tqdm(total=len(mine) + done, initial=done, desc=f"rank {rank} images", unit="img", disable=rank != 0)
+    done = len(jobs[rank::world]) - len(mine)
+    bar = tqdm(total=len(mine) + done, initial=done, desc=f"rank {rank}", unit="img", smoothing=0, disable=rank != 0)
     for (size, steps, guidance), group in groups.items():
         for chunk in (group[i : i + args.batch_size] for i in range(0, len(group), args.batch_size)):
             t0 = time.perf_counter()
@@ -338,20 +274,17 @@ def run_batch(args, model: UniWorld, encoders: Encoders, defaults: dict, device)
                     f.write(json.dumps({**record, "file": os.path.relpath(j["file"], args.out), "height": size[0],
                                         "width": size[1], "seconds": round(seconds, 3)}) + "\n")
             bar.update(len(chunk))
-            bar.set_postfix(img_per_s=f"{(bar.n - done) / (time.perf_counter() - start):.2f}")
     bar.close()
     print(f"rank {rank}: {len(mine)} images written, {done} there already, {bad} bad rows skipped (of "
           f"{len({j['line'] for j in jobs}) + bad} rows in {args.batch})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: what argparse cannot check (images, sizes, numbers) is checked before any model loads
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors."""
-
-    def error(self, message):  # argparse prints its usage block first; a single line reads better in a log
+    def error(self, message):  # one-line errors: argparse prints its usage block first, which reads worse in a log
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
@@ -374,25 +307,62 @@ parser.add_argument("--negative", default="", help="the negative instruction of 
 parser.add_argument("--seed", type=int, default=42, help="image i uses seed + i (official cli: 42)")
 parser.add_argument("--num-images", type=int, default=1)
 parser.add_argument("--batch-size", type=int, default=4, help="--batch: images generated together")
-parser.add_argument("--joint-t5", action=argparse.BooleanOptionalAction, default=None,
-                    help="append T5(prompt) and pool CLIP(prompt): official inference; default on if T5 is there")
+parser.add_argument("--no-joint-t5", dest="joint_t5", action="store_false", default=None,
+                    help="pooled CLIP(\"\") and no T5, as in training (default: the official joint T5 if T5 is there)")
 parser.add_argument("--weights", help=f"release folder or hub id ({RELEASE_ID}); default: the bundled model")
 parser.add_argument("--flux", help=f"FLUX.1-dev folder or hub id for vae/, CLIP and T5 (default {FLUX_ID})")
 parser.add_argument("--siglip", help=f"SigLIP folder or hub id (default {SIGLIP_ID})")
 parser.add_argument("--vlm-pixels", type=int, help="Qwen pixels per reference image (official 448*448)")
 parser.add_argument("--max-new-tokens", type=int, default=128, help="length of an --ask answer")
 parser.add_argument("--device", help="cuda if available, else cpu")
-parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="bf16 on CUDA, fp32 on the CPU")
 parser.add_argument("--offload", action="store_true", help="keep models on the CPU, each on the GPU while it runs")
 
 
 def read_image(path: str) -> Image.Image:
-    """A reference image as RGB; a missing, unreadable or non-image file is an error that names it."""
+    """A reference image as RGB; a missing, unreadable or non-image file, or one Qwen refuses, is an error naming it."""
+    from encoders import qwen_input_size  # transformers: imported only once the arguments are checked
+
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            image = im.convert("RGB")
+        qwen_input_size(*image.size, training=False)  # what the VLM cannot take (aspect ratio), said before loading
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # a bad PNG chunk: SyntaxError
-        raise ValueError(f"cannot read the image {path!r}: {e}") from e
+        raise ValueError(f"cannot use the image {path!r}: {e}") from e
+    return image
+
+
+def check_size(height: int, width: int) -> None:
+    """FLUX's latents are 1/8 of the pixels and are packed in 2x2 patches: sizes are positive multiples of 16."""
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or height % 16 or width % 16:
+        raise ValueError(f"the sides must be multiples of 16 from 16 to {MAX_SIDE}, got {height}x{width} (h x w)")
+
+
+def output_size(height, width, area, refs: list[Image.Image], default_area: int) -> tuple[int, int]:
+    """height x width, else the references' mean size (official) as any_11ratio at `area` pixels, else 1:1 (t2i)."""
+    from data import dynamic_resize  # the official size policy lives with the data
+
+    if height is not None or width is not None:
+        if height is None or width is None or area is not None:
+            raise ValueError("give --height and --width together, without --area (or neither, to use --area)")
+        size = height, width
+    else:
+        area = default_area if area is None else area
+        if not 16 * 16 <= area <= MAX_SIDE**2:
+            raise ValueError(f"--area must be a number of pixels from 256 to {MAX_SIDE**2}, got {area}")
+        h, w = (sum(r.height for r in refs) / len(refs), sum(r.width for r in refs) / len(refs)) if refs else (1, 1)
+        size = dynamic_resize(h, w, area)
+    check_size(*size)
+    return size
+
+
+def check_numbers(steps, num_images, seed, guidance, cfg) -> None:
+    """Range checks before anything is allocated."""
+    if not (1 <= steps <= MAX_STEPS and 1 <= num_images <= MAX_IMAGES):
+        raise ValueError(f"steps must be 1 to {MAX_STEPS} and images 1 to {MAX_IMAGES}, got {steps} and {num_images}")
+    if not 0 <= seed < 2**63 - MAX_IMAGES:
+        raise ValueError(f"seeds are integers from 0 to 2**63, got {seed}")
+    if not all(math.isfinite(v) and 0 <= v <= 100 for v in (guidance, cfg)):
+        raise ValueError(f"guidance and cfg must be finite numbers from 0 to 100, got {guidance} and {cfg}")
 
 
 def check_args(args, defaults: dict) -> None:
@@ -401,8 +371,8 @@ def check_args(args, defaults: dict) -> None:
     if example and not args.image:  # `python sample.py --edit`: the weights' own example (image, and prompt)
         args.prompt = example["prompt"] if args.prompt is None else args.prompt
         args.image = [os.path.join(args.weights, p) for p in example["images"]]
-    for key in ("steps", "guidance"):
-        setattr(args, key, defaults[key] if getattr(args, key) is None else getattr(args, key))
+    args.steps = defaults["steps"] if args.steps is None else args.steps
+    args.guidance = defaults["guidance"] if args.guidance is None else args.guidance
     note = defaults["notes"].get("ask" if args.ask is not None else "batch" if args.batch else "generate")
     if note:
         raise ValueError(note)
@@ -440,14 +410,6 @@ def main(argv: list[str] | None = None) -> None:
         defaults = defaults_of(args.weights)
         check_args(args, defaults)
         refs = [read_image(p) for p in args.image]
-        if refs:
-            from encoders import qwen_input_size
-
-            for path, ref in zip(args.image, refs, strict=True):  # what the VLM cannot take, said before loading
-                try:
-                    qwen_input_size(*ref.size, training=False)
-                except ValueError as e:
-                    raise ValueError(f"--image {path}: {e}") from e
         if args.ask is None and not args.batch:  # also for a routed prompt: it may generate
             height, width = output_size(args.height, args.width, args.area, refs, defaults["area"])
         device, dtype = pick_device(args)
@@ -479,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
             path = args.out if n == 1 else f"{stem}_{i}{ext}"
             save_image(image, path)
             print(f"saved {path}")
-    print(f"peak memory: {peak_memory(device)}")
+    peak = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}" if device.type == "cuda"
+            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS")  # ru_maxrss: KiB (Linux)
+    print(f"peak memory: {peak}")  # what --offload is for
 
 
 if __name__ == "__main__":

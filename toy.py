@@ -4,7 +4,8 @@ The same code as at full scale, used as a client: train.py trains the toy preset
 frozen tiny Qwen2.5-VL and SigLIP feeding model.py's two connectors into the FLUX text stream (text ids zero), the
 paper §3.5 edit-mask weighting and the sharded EMA; sample.py samples the exported weights folder like any release.
 The reference enters only through the two encoders. Stage 0 (the toy's stand-in for FLUX.1's pretraining) trains the
-whole denoiser from scratch. Why each design choice, and what was measured on the way: docs/toy.md.
+whole denoiser from scratch. The scenes, tasks and metric: toy_data.py; why each choice, and what was measured on
+the way: docs/toy.md.
 
     python toy.py make data/toy                          # the data set, in the official format
     python toy.py train --data data/toy --out runs/toy   # the recipe (four train.py runs), then the held-out table
@@ -21,7 +22,6 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,214 +34,39 @@ import flux
 from encoders import SiglipEncoder, VLMEncoder, load_siglip, tiny_vlm
 from model import Encoders, UniWorld, load_uniworld
 from sample import generate
+from toy_data import CELL, COLS, COPY, ROWS, SIZE, TASKS, WORDS, Shape, draw, evaluate, load_records, make_dataset
 
-SIZE = 32  # image side in pixels
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
-          "cyan": (40, 200, 210), "magenta": (210, 50, 200), "orange": (245, 140, 30), "purple": (120, 50, 170)}
-BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
-SHAPES = ("circle", "square", "triangle")
-ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-CELL = (5.5, 15.5, 25.5)  # centres of the 3x3 placement cells; shapes never overlap (radius < 5)
-TASKS = ("t2i", "recolor", "remove", "add", "segment", "edges")
 VLM_SEED, VLM_PIXELS = 0, 56 * 56  # the frozen toy VLM is the same in every stage; references reach it as 56x56
-COPY, COPY_EVERY = "copy", 5  # curriculum only (train.txt keeps one copy pair per 5 references; copy.txt has all)
-MIX = {"add": 2, "edges": 2}  # mix.txt: each task's pairs this many times (1 if not named)
-WORDS = sorted({*COLORS, *BACKGROUNDS, *SHAPES, *ROWS, *COLS, "a", "at", "the", "on", "make", "remove", "add",
-                "segment", "detect", "edges", "background", "copy", "image", "user", "assistant"})
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scenes and tasks, with exact ground truth
-
-
-@dataclass
-class Shape:
-    kind: str
-    color: str
-    row: int  # cell
-    col: int
-    cy: float
-    cx: float
-    r: float
-
-
-def shape_mask(s: Shape) -> np.ndarray:
-    """(SIZE, SIZE) bool, sampled at pixel centres."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    dy, dx = y - s.cy, x - s.cx
-    if s.kind == "circle":
-        return dy**2 + dx**2 <= s.r**2
-    if s.kind == "square":
-        return (np.abs(dy) <= 0.85 * s.r) & (np.abs(dx) <= 0.85 * s.r)
-    return (dy <= 0.7 * s.r) & (dy >= -s.r) & (np.abs(dx) <= (dy + s.r) * 0.6)  # triangle, apex up
-
-
-def draw(background: str, shapes: list[Shape]) -> np.ndarray:
-    """(SIZE, SIZE, 3) uint8."""
-    img = np.empty((SIZE, SIZE, 3), np.uint8)
-    img[:] = BACKGROUNDS[background]
-    for s in shapes:
-        img[shape_mask(s)] = COLORS[s.color]
-    return img
-
-
-def edge_map(img: np.ndarray) -> np.ndarray:
-    """White where a pixel differs from one of its 4 neighbours and is not background (inner boundary), else black."""
-    p = np.pad(img.astype(int), ((1, 1), (1, 1), (0, 0)), mode="edge")
-    diff = np.zeros(img.shape[:2], bool)
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        diff |= (p[dy : dy + SIZE, dx : dx + SIZE] != img).any(-1)
-    fg = (img != img[0, 0]).any(-1)  # the corner is always background
-    return np.where((diff & fg)[..., None], 255, 0).astype(np.uint8).repeat(3, -1)
-
-
-def _random_shape(rng: np.random.Generator, kind: str, color: str, cell: int) -> Shape:
-    row, col = divmod(cell, 3)
-    return Shape(kind, color, row, col, CELL[row] + rng.uniform(-1, 1), CELL[col] + rng.uniform(-1, 1),
-                 rng.uniform(3.5, 4.75))
-
-
-def _scene(rng: np.random.Generator, n: int) -> tuple[str, list[Shape]]:
-    background = str(rng.choice(list(BACKGROUNDS)))
-    kinds = rng.choice(SHAPES, n, replace=False)
-    colors = rng.choice(list(COLORS), n, replace=False)
-    cells = rng.choice(9, n, replace=False)
-    shapes = [_random_shape(rng, str(k), str(c), int(i)) for k, c, i in zip(kinds, colors, cells, strict=True)]
-    return background, shapes
-
-
-def make_sample(rng: np.random.Generator, task: str) -> dict:
-    """One pair: instruction, reference images (0 or 1), target, and the number of shapes in the reference."""
-    if task == "t2i":
-        bg, (s,) = _scene(rng, 1)
-        text = f"a {s.color} {s.kind} at the {ROWS[s.row]} {COLS[s.col]} on {bg}"
-        return {"task": task, "text": text, "refs": [], "target": draw(bg, [s]), "shapes": 0}
-    n = 2 if task == "remove" else int(rng.integers(1, 3))  # removal always leaves one shape behind
-    bg, shapes = _scene(rng, n)
-    ref, k = draw(bg, shapes), int(rng.integers(n))
-    s = shapes[k]
-    named = f"the {s.color} {s.kind} at the {ROWS[s.row]} {COLS[s.col]}"  # colour, kind and cell: see the docstring
-    if task == "recolor":
-        new = str(rng.choice([c for c in COLORS if c != s.color]))
-        text, target = f"make {named} {new}", draw(bg, shapes[:k] + [Shape(**{**vars(s), "color": new})]
-                                                   + shapes[k + 1 :])
-    elif task == "remove":
-        text, target = f"remove {named}", draw(bg, shapes[:k] + shapes[k + 1 :])
-    elif task == "add":
-        shapes = shapes[:1]
-        ref = draw(bg, shapes)
-        kind = str(rng.choice([x for x in SHAPES if x != shapes[0].kind]))
-        cell = int(rng.choice([c for c in range(9) if c != 3 * shapes[0].row + shapes[0].col]))
-        new = _random_shape(rng, kind, str(rng.choice(list(COLORS))), cell)
-        text = f"add a {new.color} {new.kind} at the {ROWS[new.row]} {COLS[new.col]}"
-        target, n = draw(bg, shapes + [new]), 1
-    elif task == "segment":
-        text, target = f"segment {named}", np.where(shape_mask(s)[..., None], 255, 0).astype(np.uint8)
-        target = target.repeat(3, -1)
-    elif task == "edges":
-        text, target = "detect the edges", edge_map(ref)
-    else:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    return {"task": task, "text": text, "refs": [ref], "target": target, "shapes": n}
-
-
-def make_dataset(root: str, n_train: int, n_test: int, seed: int = 0) -> None:
-    """Write root/images/{train,test}/*.png, one JSON per split and task, and root/{train,test}.txt in the official
-    data.txt format `image_root,json_path,need_weight` (edits weighted, paper §3.5). Test pairs never occur in training.
-
-    The curriculum's copy pairs (target = reference, "copy the image") reuse the references' files: root/copy.txt
-    lists all of them (the first phase), train.txt one in COPY_EVERY (kept in the mix)."""
-    held_out = set()
-    for split, n, rng in (("test", n_test, np.random.default_rng([seed, 1])),
-                          ("train", n_train, np.random.default_rng([seed, 0]))):
-        os.makedirs(os.path.join(root, "images", split), exist_ok=True)
-        records, i = {t: [] for t in TASKS}, 0
-        while i < n:
-            task = TASKS[i % len(TASKS)]
-            s = make_sample(rng, task)
-            key = hashlib.sha1(s["text"].encode() + b"".join(r.tobytes() for r in s["refs"] + [s["target"]])).digest()
-            if split == "train" and key in held_out:
-                continue  # a held-out pair: draw again
-            if split == "test":
-                held_out.add(key)
-            names = [f"{split}/{i:06d}_ref{j}.png" for j in range(len(s["refs"]))] + [f"{split}/{i:06d}.png"]
-            for name, img in zip(names, s["refs"] + [s["target"]], strict=True):
-                Image.fromarray(img).save(os.path.join(root, "images", name))
-            human = s["text"] + "".join("\n<image>" for _ in s["refs"])
-            records[task].append({"image": names, "task": task, "shapes": s["shapes"], "conversations": [
-                {"from": "human", "value": human}, {"from": "gpt", "value": "<gen_image>"}]})
-            i += 1
-        if split == "train":  # the curriculum's copies: target = reference, the pairs' own files (nothing written)
-            copies = [{"image": [r["image"][0]] * 2, "task": COPY, "shapes": r["shapes"], "conversations": [
-                {"from": "human", "value": "copy the image\n<image>"}, {"from": "gpt", "value": "<gen_image>"}]}
-                for recs in records.values() for r in recs if len(r["image"]) == 2]
-            records[COPY] = copies[::COPY_EVERY]
-            path = os.path.abspath(os.path.join(root, "train_copy_all.json"))
-            with open(path, "w") as f:
-                json.dump(copies, f)
-            with open(os.path.join(root, "copy.txt"), "w") as f:
-                f.write(f"{os.path.abspath(os.path.join(root, 'images'))},{path},false\n")
-        lines = []
-        for task, recs in records.items():
-            path = os.path.abspath(os.path.join(root, f"{split}_{task}.json"))
-            with open(path, "w") as f:
-                json.dump(recs, f)
-            lines.append(f"{os.path.abspath(os.path.join(root, 'images'))},{path},"
-                         f"{str(task in ('recolor', 'remove', 'add')).lower()}")
-        with open(os.path.join(root, f"{split}.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        if split == "train":  # the recipe's mix: add and edges, the slowest to learn, twice as often
-            with open(os.path.join(root, "mix.txt"), "w") as f:
-                task = lambda line: os.path.basename(line.split(",")[1])[len("train_") : -len(".json")]
-                f.write("\n".join(line for line in lines for _ in range(MIX.get(task(line), 1))) + "\n")
-
-
-def load_records(root: str, split: str) -> list[dict]:
-    """A split's records, images loaded: task, text (the human turn, <image> markers kept), refs, target, shapes."""
-    out = []
-    for line in open(os.path.join(root, f"{split}.txt")).read().split():
-        image_root, path, _ = line.split(",")
-        for r in json.load(open(path)):
-            imgs = [np.asarray(Image.open(os.path.join(image_root, p)).convert("RGB")) for p in r["image"]]
-            out.append({"task": r["task"], "shapes": r["shapes"], "refs": imgs[:-1], "target": imgs[-1],
-                        "text": r["conversations"][0]["value"]})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The toy model pieces: frozen encoders with a structured deterministic init, the denoiser config
 
 
-def toy_flux_config(hidden: int = 64, theta: int = 8, heads: int = 2) -> flux.FluxConfig:
-    """2 double + 2 single blocks: 48-channel tokens = 4x4 pixel patches; a guidance embedder like FLUX.1-dev's (fed
-    1.0 in training and sampling), so that sample.py shifts the schedule as in training. RoPE splits each head as
-    FLUX.1 does (16, 56, 56 of 128): 1/8 for the index axis, 7/16 for rows and for columns.
-
-    Two heads of 32, not one of 64: why in the module docstring and the README.
-    RoPE theta 8 instead of 10,000: on an 8x8 token grid, 5 of the 7 row frequencies of theta 10,000 turn by
-    less than 0.6 rad across the whole image and carry no position; with theta 8 all 7 do (w from 1 to 0.17)."""
+def toy_flux_config(hidden: int = 64, heads: int = 2) -> flux.FluxConfig:
+    """2 double + 2 single blocks on 4x4 pixel patches, two heads (docs/toy.md), a guidance embedder fed 1.0 as in
+    FLUX.1-dev (so sample.py shifts the schedule as in training); RoPE splits a head as FLUX.1 does (16, 56, 56 of 128).
+    RoPE theta 8: on an 8x8 token grid, 5 of theta 10,000's 7 row frequencies turn by less than 0.6 rad in all."""
     head = hidden // heads
     if head * heads != hidden or head % 32:
         raise ValueError(f"hidden {hidden} / heads {heads} must give a head size that is a multiple of 32")
     return flux.FluxConfig(in_channels=48, out_channels=48, vec_in_dim=16, context_in_dim=128, hidden_size=hidden,
                            num_heads=heads, depth=2, depth_single_blocks=2,
-                           axes_dim=(head // 8, 7 * head // 16, 7 * head // 16), theta=theta, guidance_embed=True)
+                           axes_dim=(head // 8, 7 * head // 16, 7 * head // 16), theta=8, guidance_embed=True)
 
 
-def toy_vlm(seed: int = 0, hidden: int = 64, layers: int = 2, config: flux.FluxConfig | None = None) -> VLMEncoder:
-    """A random frozen Qwen2.5-VL whose vocabulary has one token per toy word; references at 56x56 = 4 tokens.
-
-    The six cell words get structured embeddings: "top" holds [cos, sin](p w_k) of its cell's centre row p (in image
-    tokens) at the denoiser's RoPE row frequencies, "left" the same for columns (zeros elsewhere), as the toy SigLIP
-    tokens do: a key projected from "top" then meets the rotated queries of the top rows' image tokens in phase."""
-    vlm = tiny_vlm(seed, hidden=hidden, layers=layers, words=WORDS, pixels=VLM_PIXELS)
-    c = config or toy_flux_config()
+def toy_vlm(seed: int = VLM_SEED) -> VLMEncoder:
+    """A random frozen Qwen2.5-VL, one token per toy word. "top" holds [cos, sin](p w_k) of its cell's centre row p at
+    the RoPE row frequencies, "left" the same for columns: a key projected from "top" meets the top rows' queries."""
+    vlm = tiny_vlm(seed, hidden=64, layers=2, words=WORDS, pixels=VLM_PIXELS)
+    c = toy_flux_config()
     emb = vlm.model.get_input_embeddings().weight
     rows, cols, norm = c.axes_dim[1], c.axes_dim[2], emb.norm(dim=1).mean().item()  # a random token's norm
     with torch.no_grad():
         for i, (row_word, col_word) in enumerate(zip(ROWS, COLS, strict=True)):
             p = (CELL[i] - 2) / (SIZE // 8)  # the cell centre on the 8x8 token grid (token r spans pixels 4r..4r+3)
             for word, start, dim in ((row_word, 0, rows), (col_word, rows, cols)):
-                v = torch.zeros(hidden, dtype=torch.float64)
+                v = torch.zeros(emb.shape[1], dtype=torch.float64)
                 v[start : start + dim] = rope_sincos(torch.tensor([p], dtype=torch.float64), dim, c.theta)[0]
                 emb[vlm.tokenizer.convert_tokens_to_ids(word)] = (v * norm / v.norm()).to(emb)
     return vlm
@@ -254,13 +79,11 @@ def rope_sincos(positions: Tensor, axis_dim: int, theta: int) -> Tensor:
     return torch.stack([a.cos(), a.sin()], -1).flatten(1)
 
 
-def toy_siglip(config: flux.FluxConfig | None = None, patch: int = 4) -> SiglipEncoder:
-    """A SiglipVisionModel with no layers: token = LayerNorm(patch pixels (48) | row, col sinusoids | position one-hot).
-
-    The one-hot code (64 channels, with the norm of one axis's sinusoids) gives each position a free key: through the
-    siglip_projector any vector, so the denoiser can learn a key that meets the RoPE-rotated query of its own image
-    token, where the sinusoids alone need rotation-equivariant maps learned through four layers (README)."""
-    c = config or toy_flux_config()
+def toy_siglip() -> SiglipEncoder:
+    """A SiglipVisionModel with no layers: token = LayerNorm(4x4 pixels (48) | row, col sinusoids | position one-hot).
+    The one-hot code gives each position a free key through the siglip_projector, one that can meet the RoPE-rotated
+    query of its own image token; the sinusoids alone need rotation-equivariant maps learned (docs/toy.md)."""
+    c, patch = toy_flux_config(), 4
     side, content = SIZE // patch, 3 * patch * patch
     hidden = content + c.axes_dim[1] + c.axes_dim[2] + side * side  # 48 + 28 + 64 = 140
     with torch.random.fork_rng():  # the (unused) pooling head's init too: the same file every time
@@ -305,14 +128,10 @@ def dit_init(denoiser: flux.Flux) -> None:
 
 def read_init(model: UniWorld, head: int = 1, sharpness: float = 2.0) -> None:
     """A head that reads the reference from the start: in the first double block, head `head`'s image queries are
-    one vector q0 (their RoPE rotation R(r, c) q0 is all that differs), and the SigLIP token at (r, c) gets the key
-    R(r, c) q0, through the siglip_projector (from its one-hot position code), txt_in and the text stream's k.
-
-    Each image token then attends to the SigLIP token at its own position (0.65 of its attention at init, the probe).
-    Whether stage 0 finds that read by itself, and when, varies from run to run (docs/toy.md, 2026-12-05); every
-    task that copies pixels depends on it; a pretrained denoiser would bring it. Everything stays trainable, and the
-    read's value and output path is learned. q0 has unit entries on the highest and third-highest RoPE frequencies of
-    rows and columns (1 and 0.55 rad per token at theta 8): an own-position peak that no other position aliases."""
+    one vector q0, and the SigLIP token at (r, c) gets the key R(r, c) q0 (through the siglip_projector from its
+    one-hot code, txt_in and the text stream's k), so each image token attends to the SigLIP token at its position.
+    When stage 0 finds that read by itself varies from run to run (docs/toy.md); a pretrained denoiser would bring it.
+    q0: ones on the highest and third-highest RoPE frequencies of rows and columns: a peak no other position aliases."""
     c, side = model.denoiser.config, SIZE // 4
     d, hd, rows = c.hidden_size, c.hidden_size // c.num_heads, c.axes_dim[1]
     q0 = torch.zeros(hd)
@@ -354,9 +173,8 @@ ASK = ("the toy's Qwen2.5-VL is random and cannot answer questions; for answers 
 
 
 def toy_models(cfg, device) -> tuple[UniWorld, Encoders]:
-    """train.py's `--model toy`: stage 0 builds the toy denoiser from cfg.seed; later stages load the stage-0 export
-    given as --flux (the toy's "FLUX.1-dev": denoiser and both connectors). Stage 1 has no SigLIP (official), nor
-    has any stage with `--siglip none` (an ablation)."""
+    """train.py's `--model toy`: stage 0 builds the denoiser from cfg.seed, later stages load the stage-0 export (the
+    toy's "FLUX.1-dev") given as --flux. No SigLIP in stage 1 (official) nor with `--siglip none` (an ablation)."""
     if cfg.flux:
         model = load_uniworld(cfg.flux, with_vlm=False)[0].train()
     else:
@@ -365,7 +183,7 @@ def toy_models(cfg, device) -> tuple[UniWorld, Encoders]:
         dit_init(model.denoiser)
         read_init(model)
     siglip = toy_siglip() if cfg.stage != 1 and cfg.siglip != "none" else None
-    return model, Encoders(vlm=toy_vlm(VLM_SEED), siglip=siglip, ae=flux.PixelUnshuffle(2))
+    return model, Encoders(vlm=toy_vlm(), siglip=siglip, ae=flux.PixelUnshuffle(2))
 
 
 PRESETS = {"toy": toy_models}
@@ -386,14 +204,13 @@ def save_toy(folder: str) -> None:
                   f, indent=1)
 
 
-def load_toy(folder: str, device=None) -> tuple[UniWorld, Encoders]:
+def load_toy(folder: str) -> tuple[UniWorld, Encoders]:
     """A toy weights folder, as sample.py loads it (no CLIP: the pooled vector is zeros, as trained)."""
-    model, vlm = load_uniworld(folder, device=device, vlm_pixels=VLM_PIXELS)
-    siglip, ae = load_siglip(os.path.join(folder, "siglip")).to(device), flux.load_autoencoder(folder)
-    return model, Encoders(vlm.to(device), siglip, ae)
+    model, vlm = load_uniworld(folder, vlm_pixels=VLM_PIXELS)
+    return model, Encoders(vlm, load_siglip(os.path.join(folder, "siglip")), flux.load_autoencoder(folder))
 
 
-def outputs(model: UniWorld, encoders: Encoders, records: list[dict], steps: int = 20, batch: int = 50,
+def outputs(model: UniWorld, encoders: Encoders, records: list[dict], batch: int = 50,
             progress: bool = True) -> list[np.ndarray]:
     """sample.generate on every record, as `python sample.py` runs it (inference prompt, seed 42 + i) -> uint8."""
     out = []
@@ -401,7 +218,7 @@ def outputs(model: UniWorld, encoders: Encoders, records: list[dict], steps: int
         rs = records[i : i + batch]
         images = generate(model, encoders, [r["text"].replace("\n<image>", "") for r in rs],
                           [[Image.fromarray(im) for im in r["refs"]] for r in rs], SIZE, SIZE,
-                          seeds=list(range(42 + i, 42 + i + len(rs))), steps=steps, guidance=1.0, progress=False)
+                          seeds=list(range(42 + i, 42 + i + len(rs))), steps=20, guidance=1.0, progress=False)
         out += [np.asarray(im) for im in images]
     return out
 
@@ -409,75 +226,6 @@ def outputs(model: UniWorld, encoders: Encoders, records: list[dict], steps: int
 def to_tensor(imgs: list[np.ndarray]) -> Tensor:
     """uint8 (H, W, 3) images -> (B, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: exact ground truth, judged per pixel by the nearest colour of the toy palette
-
-PALETTE = np.array(list(COLORS.values()) + list(BACKGROUNDS.values()), np.float32)  # (11, 3)
-
-
-def classify(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) index of the nearest palette colour."""
-    return ((img[..., None, :].astype(np.float32) - PALETTE) ** 2).sum(-1).argmin(-1)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
-def score(task: str, ref: np.ndarray | None, target: np.ndarray, out: np.ndarray) -> dict:
-    """Per-pair metrics. Success: >= 75% of the pixels that should change are right, >= 75% of the other shapes'
-    pixels are kept, >= 90% of all pixels right. Segment/edges: IoU of the white pixels (every channel > 127: a
-    yellow or cyan shape left as it was is not white). "other", where the reference has a shape the instruction does
-    not name: the fraction of its pixels kept (edits) or left black (segment), i.e. whether the model acts on the
-    named shape only."""
-    m = {"psnr": psnr(out, target)}
-    if task in ("segment", "edges"):
-        a, b = (out > 127).all(-1), (target > 127).all(-1)
-        m["iou"] = (a & b).sum() / max((a | b).sum(), 1)
-        m["success"] = float(m["iou"] >= 0.7)
-        if task == "segment" and (other := (classify(ref) != classify(ref)[0, 0]) & ~b).any():  # shapes not named
-            m["other"] = 1 - a[other].mean()
-        return m
-    right = classify(out) == classify(target)
-    if ref is None:  # text-to-image: the shape and the background
-        fg = classify(target) != classify(target)[0, 0]
-        m["success"] = float(right[fg].mean() >= 0.75 and right.mean() >= 0.9)
-        return m
-    changed = classify(ref) != classify(target)
-    kept = ~changed
-    others = kept & (classify(ref) != classify(ref)[0, 0])  # shapes that must stay as they were
-    m["keep"] = right[kept].mean()
-    if others.any():
-        m["other"] = right[others].mean()
-    m["success"] = float((right[changed].mean() if changed.any() else 1.0) >= 0.75 and right.mean() >= 0.9
-                         and m.get("other", 1.0) >= 0.75)
-    return m
-
-
-def evaluate(records: list[dict], outputs: list[np.ndarray], show: bool = True) -> dict:
-    """Per task: success rate, PSNR, kept fractions (all, other shapes), IoU, for the outputs and for "output = input".
-    Removal is judged on two-shape scenes only (a one-shape removal is just "paint the background")."""
-    rows = {}
-    for task in TASKS:
-        pairs = [(r, o) for r, o in zip(records, outputs, strict=True)
-                 if r["task"] == task and (task != "remove" or r["shapes"] == 2)]
-        if not pairs:
-            continue
-        mean = lambda ms, k: float(np.mean([m[k] for m in ms if k in m])) if any(k in m for m in ms) else math.nan
-        ms = [score(task, r["refs"][0] if r["refs"] else None, r["target"], o) for r, o in pairs]
-        bs = [score(task, r["refs"][0], r["target"], r["refs"][0]) for r, _ in pairs] if pairs[0][0]["refs"] else []
-        rows[task] = {"n": len(pairs), **{k: mean(ms, k) for k in ("success", "psnr", "keep", "other", "iou")},
-                      **{f"base_{k}": mean(bs, k) for k in ("success", "psnr", "keep", "other", "iou")}}
-    if show:
-        print(f"{'task':8} {'n':>4} {'success':>8} {'(input)':>8} {'PSNR':>6} {'(input)':>8} {'keep':>5} {'other':>5} "
-              f"{'IoU':>5}")
-        for t, r in rows.items():
-            print(f"{t:8} {r['n']:4d} {r['success']:8.0%} {r['base_success']:8.0%} {r['psnr']:6.1f} "
-                  f"{r['base_psnr']:8.1f} {r['keep']:5.2f} {r['other']:5.2f} {r['iou']:5.2f}")
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,18 +237,13 @@ COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk
           "--val_guidance 1")
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the data set's, {cache}: its caches)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 1500 --cache {cache}/copy --shift 1.5"),  # high noise
-    ("s0", "--stage 0 --data {data}/mix.txt --init {out}/s0-copy --steps 22000 --decay 5500 --cache {cache}/mix"),
+    ("s0", "--stage 0 --data {data}/mix.txt --init {out}/s0-copy --steps 40000 --decay 6000 --cache {cache}/mix"),
     ("s1", "--stage 1 --data {data}/mix.txt --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
     ("s2", "--stage 2 --data {data}/mix.txt --flux {out}/s0/ema --init {out}/s1 --steps 1000 --lr 1e-4 "
            "--warmup 0 --no-grad_ckpt --cache {cache}/mix"),
 )
 READ, MAX_COPY_STEPS = 0.5, 8000  # the copy stage ends once a head reads its own position with this attention
 ENTRY = [sys.executable, os.path.abspath(__file__), "stage"]  # a stage: train.main(argv, PRESETS) in a fresh process
-
-
-def steps_of(flags: str) -> int:
-    """The --steps of a RECIPE entry."""
-    return int(flags.split("--steps ")[1].split()[0])
 
 
 def reads_its_reference(folder: str, data: str, n: int = 16) -> float:
@@ -513,14 +256,11 @@ def reads_its_reference(folder: str, data: str, n: int = 16) -> float:
 
 def train(data: str, out: str, flags: str = "", tasks: list[str] | None = None, scale: float = 1.0,
           threads: int = 2, entry: list[str] = ENTRY, read: float = READ, batch: int = 8) -> None:
-    """Run the recipe, each stage a fresh process (its EMA export completed into a weights folder by save_toy).
-    `flags` go to every stage (e.g. "--seed 1", "--siglip none"); `tasks` keeps only those tasks (and the copies)
-    of the mix (caches under `out`); `scale` multiplies every stage's steps; `batch` pairs a step (a GPU's 64)
-    divides the steps by batch / 8 and multiplies the learning rates by its square root; stages already exported
-    are kept and a stage cut short goes on (a rerun resumes).
-    The copy stage goes on, 1,000 steps at a time, until a head of the denoiser reads the SigLIP token at its own
-    position (reads_its_reference >= `read`), up to MAX_COPY_STEPS: when that read forms varies from run to run
-    (docs/toy.md), and every later stage depends on it. `read` 0 turns this gate off."""
+    """Run the recipe, each stage a fresh train.py process whose EMA export save_toy completes into a weights folder;
+    a rerun keeps the exported stages and resumes a cut one. `flags` go to every stage; `tasks` keeps only those tasks
+    (and the copies) in the mix; `scale` multiplies the steps; `batch` pairs a step (a GPU's 64) divides them by
+    batch / 8 and multiplies the lr by its square root. The copy stage goes on, 1,000 steps at a time up to
+    MAX_COPY_STEPS, until reads_its_reference >= `read` (0: no gate): every later stage depends on that read."""
     mix, key = os.path.join(data, "mix.txt"), re.sub(r"--seed \d+", "", " ".join(flags.split()))
     cache = os.path.join(data, "cache", hashlib.sha1(key.encode()).hexdigest()[:8])  # shared by the seeds of a setting
     if tasks:

@@ -1,8 +1,8 @@
 """Train UniWorld-V1's denoise tower (paper §3.2, official train_denoiser.py): stage 1 or 2, FSDP2, one process per GPU.
 
-Stage 1 trains the denoise_projector (Qwen2.5-VL -> FLUX text stream) alone. Stage 2 starts from a stage-1 run and
-also trains the siglip_projector (initialised from FLUX Redux) and FLUX's image-branch attention and modulation.
-The VLM, SigLIP and the VAE stay frozen (eval, no grad); --cache computes their outputs once and trains from disk.
+Stage 1 trains the denoise_projector (Qwen2.5-VL -> FLUX text stream); stage 2 starts from a stage-1 run and also
+trains the siglip_projector (from FLUX Redux) and FLUX's image-branch attention and modulation. The VLM, SigLIP and
+the VAE stay frozen; --cache computes their outputs once and trains from disk.
 
 1 GPU (or the CPU; no torchrun needed):
     python train.py --stage 1 --data data.txt --out runs/s1 --flux FLUX.1-dev --vlm Qwen/Qwen2.5-VL-7B-Instruct
@@ -14,10 +14,9 @@ N nodes (the same command on every node; --out on a disk that all nodes share):
 Stage 2 from the stage-1 run (its EMA projector) and Redux for the SigLIP projector:
     torchrun --standalone --nproc_per_node=8 train.py --stage 2 --init runs/s1 --redux flux-redux-siglipv2-512.bin \\
         --data data.txt --out runs/s2 --flux FLUX.1-dev --siglip google/siglip2-so400m-patch16-512
-Resume: the same command plus --resume. Tiny random models, no weights (tests, CI): --model tiny --resolution 64.
-Every TrainConfig field is a flag (--lr 1e-4, --no-init_ema). Under --out: train_config.json, metrics.jsonl,
-checkpoints/step-N/ (torch.distributed.checkpoint + checksums.json), val/step-N.png; at the end raw/ and ema/ in the
-release layout (what sample.py --weights loads). Other programs add model presets: train.main(argv, presets).
+Resume: the same command plus --resume. Every TrainConfig field is a flag (--lr 1e-4, --no-init_ema); --model tiny
+trains random tiny models (tests). Under --out: train_config.json, metrics.jsonl, checkpoints/step-N/, val/step-N.png;
+at the end raw/ and ema/ in the release layout (sample.py --weights). Other programs add presets: main(argv, presets).
 """
 
 import argparse
@@ -119,24 +118,18 @@ STAGE_DEFAULTS = {  # docs/official.md §4.4-4.7: AdamW (0.9, 0.99), wd 0; stage
 
 def parse_args(argv=None, models=None) -> TrainConfig:
     """TrainConfig from --key value flags (booleans: --flag / --no-flag); None fields get the stage's defaults."""
+    choices = {"stage": list(STAGE_DEFAULTS), "model": sorted(models or MODELS), "precision": ["auto", "bf16", "fp32"]}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        kind = f.type
-        if kind is bool:
+        if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            p.add_argument(f"--{f.name}", type=kind, default=f.default)
+            p.add_argument(f"--{f.name}", type=f.type, default=f.default, choices=choices.get(f.name))
     cfg = TrainConfig(**vars(p.parse_args(argv)))
-    if cfg.stage not in STAGE_DEFAULTS:
-        p.error(f"--stage {cfg.stage}: use 1 or 2 (0 is a preset's pretraining)")
     for key, value in STAGE_DEFAULTS[cfg.stage].items():
         setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
     if not cfg.data or not cfg.out:
         p.error("--data data.txt and --out RUN_FOLDER are required")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        p.error(f"--precision {cfg.precision}: use auto, bf16 or fp32")
-    if cfg.model not in (models or MODELS):
-        p.error(f"--model {cfg.model}: choose one of {sorted(models or MODELS)}")
     for name in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "keep"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -177,8 +170,7 @@ MODELS = {"flux": flux_models, "tiny": tiny_models}  # a preset: (cfg, device) -
 
 
 def init_from_run(model: M.UniWorld, run: str, ema: bool = True) -> None:
-    """Load what an earlier run trained (its stage's parameters) from its release export (paper §3.2: stage 2 starts
-    from stage 1's denoise_projector, the EMA copy recommended)."""
+    """What an earlier run's stage trained, from its release export (paper §3.2: stage 2 starts from stage 1's)."""
     folder, config = os.path.join(run, "ema" if ema else "raw"), os.path.join(run, "train_config.json")
     if not (os.path.isfile(config) and os.path.isdir(folder)):
         raise FileNotFoundError(f"--init {run}: expected a finished train.py run (train_config.json and {folder}/)")
@@ -202,16 +194,16 @@ def shard(model: M.UniWorld, cfg: TrainConfig, device) -> None:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if sharded else None
     # bf16 compute, fp32 weights and gradient reduction. The root casts the batch; the blocks must not cast their
     # inputs, or the fp32 RoPE table would arrive in bf16 (RoPE is computed in fp32, docs/official.md §11.3)
-    root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    block_mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else None
+    root_mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    block_mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else root_mp
     for blocks in (model.denoiser.double_blocks, model.denoiser.single_blocks):
         for i, block in enumerate(blocks):
             if cfg.grad_ckpt:
                 block = blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             if sharded:
-                fully_shard(block, mesh=mesh, mp_policy=block_mp or MixedPrecisionPolicy())
+                fully_shard(block, mesh=mesh, mp_policy=block_mp)
     if sharded:
-        fully_shard(model, mesh=mesh, mp_policy=root_mp or MixedPrecisionPolicy())  # connectors, embedders, last layer
+        fully_shard(model, mesh=mesh, mp_policy=root_mp)  # connectors, embedders, last layer
         register_fsdp_forward_method(model, "loss")  # FSDP2 hooks only forward(); UniWorld trains through loss()
 
 
@@ -252,46 +244,41 @@ def intact(path: str) -> bool:
 
 
 def save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable) -> None:
-    """Model (trainable tensors), optimizer, EMA shards; per rank RNG states and sample counts; step, data position.
+    """Trainable tensors, optimizer and EMA shards; per-rank RNG states and sample counts; step and data position.
     A Ctrl-C while it writes takes effect once it is complete (inside dcp.save it would end in a wrapped traceback)."""
     caught = []
     previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
     try:
-        write_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable)
+        rank, folder = dist.get_rank(), os.path.join(cfg.out, "checkpoints")
+        tmp, final = os.path.join(folder, f".tmp-step-{step:08d}"), os.path.join(folder, f"step-{step:08d}")
+        if rank == 0 and os.path.isdir(folder):
+            for torn in (n for n in os.listdir(folder) if n.startswith(".tmp-")):  # left by runs killed while writing
+                shutil.rmtree(os.path.join(folder, torn))
+        dist.barrier()
+        msd, osd = get_state_dict(model, opt)  # sharded: each rank writes its own part
+        dcp.save({"model": {k: v for k, v in msd.items() if k in trainable}, "optim": osd, "ema": ema.state_dict()},
+                 checkpoint_id=tmp)  # frozen weights are rebuilt from --flux/--init and never saved
+        rng = {"torch": torch.get_rng_state(), "noise": noise.get_state(), "counts": counts}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(tmp, f"rank{rank:05d}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, "data": batches.state_dict(), "world": dist.get_world_size(),
+                           "fsdp": isinstance(model, FSDPModule)}, f)
+        dist.barrier()
+        sums = checksums(tmp)
+        if rank == 0:
+            with open(os.path.join(tmp, "checksums.json"), "w") as f:  # written last: it vouches for the others
+                json.dump(sums, f, indent=1)
+            os.replace(tmp, final)  # atomic: the checkpoint exists whole or not at all
+            for old in checkpoints(cfg.out)[: -cfg.keep]:
+                shutil.rmtree(old)
+        dist.barrier()
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
-
-
-def write_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable) -> None:
-    rank, folder = dist.get_rank(), os.path.join(cfg.out, "checkpoints")
-    tmp, final = os.path.join(folder, f".tmp-step-{step:08d}"), os.path.join(folder, f"step-{step:08d}")
-    if rank == 0 and os.path.isdir(folder):
-        for torn in (n for n in os.listdir(folder) if n.startswith(".tmp-")):  # left by runs killed while writing
-            shutil.rmtree(os.path.join(folder, torn))
-    dist.barrier()
-    msd, osd = get_state_dict(model, opt)  # sharded: each rank writes its own part
-    dcp.save({"model": {k: v for k, v in msd.items() if k in trainable}, "optim": osd, "ema": ema.state_dict()},
-             checkpoint_id=tmp)  # frozen weights are rebuilt from --flux/--init and never saved
-    rng = {"torch": torch.get_rng_state(), "noise": noise.get_state(), "counts": counts}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, f"rank{rank:05d}.pt"))
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "data": batches.state_dict(), "world": dist.get_world_size(),
-                       "fsdp": isinstance(model, FSDPModule)}, f)
-    dist.barrier()
-    sums = checksums(tmp)
-    if rank == 0:
-        with open(os.path.join(tmp, "checksums.json"), "w") as f:  # written last: it vouches for the others
-            json.dump(sums, f, indent=1)
-        os.replace(tmp, final)  # atomic: the checkpoint exists whole or not at all
-        for old in checkpoints(cfg.out)[: -cfg.keep]:
-            shutil.rmtree(old)
-    dist.barrier()
 
 
 def load_checkpoint(path, model, opt, ema, batches, noise, trainable) -> tuple[int, dict]:
@@ -390,45 +377,44 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def prepare_out(cfg: TrainConfig) -> str | None:
     """The run folder: a run already there is continued (--resume) or replaced (--overwrite), never mixed into.
-    -> the newest intact checkpoint to resume from (damaged ones passed over), with the history in metrics.jsonl
-    trimmed to its step; None to start at step 0."""
-    metrics, found = os.path.join(cfg.out, "metrics.jsonl"), checkpoints(cfg.out)
-    if not cfg.resume and (found or os.path.isfile(metrics)) and not cfg.overwrite:
+    -> the newest intact checkpoint to resume from (damaged ones set aside and said), None to start at step 0."""
+    found = checkpoints(cfg.out)
+    if not cfg.resume and not cfg.overwrite and (found or os.path.isfile(os.path.join(cfg.out, "metrics.jsonl"))):
         raise ValueError(f"--out {cfg.out} already holds a run: continue it with --resume, or pass another --out "
                          f"(or --overwrite to delete it)")
     dist.barrier()  # every rank has looked before anything is deleted or written
-    if cfg.overwrite and not cfg.resume and dist.get_rank() == 0:
+    if cfg.overwrite and not cfg.resume and dist.get_rank() == 0:  # metrics.jsonl: emptied by trim_metrics
         shutil.rmtree(os.path.join(cfg.out, "checkpoints"), ignore_errors=True)
-        if os.path.isfile(metrics):
-            os.remove(metrics)
     os.makedirs(cfg.out, exist_ok=True)
-    resume_from, start = None, 0
     for path in reversed(found if cfg.resume else []):  # newest first
         if intact(path):
-            resume_from = path
-            with open(os.path.join(path, "state.json")) as f:
-                start = json.load(f)["step"]
-            break
+            return path
         log.warning("%s is damaged (its files do not match its checksums.json): kept as damaged-*, trying the one "
                     "before", path)
         dist.barrier()
         if dist.get_rank() == 0:
             os.replace(path, tempfile.mkdtemp(prefix=f"damaged-{os.path.basename(path)}-", dir=os.path.dirname(path)))
-    if cfg.resume and found and resume_from is None:
+    if cfg.resume and found:
         raise ValueError(f"--resume: no intact checkpoint under {cfg.out}/checkpoints; start afresh with --overwrite")
-    if dist.get_rank() == 0 and os.path.isfile(metrics):  # the history up to the step we continue from
-        kept = []
-        with open(metrics) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= start:
-                        kept.append(line)
-                except (ValueError, KeyError):  # a line torn by a kill mid-write
-                    log.warning("metrics.jsonl: dropped a torn line (%r)", line[:60])
-        with open(metrics, "w") as f:
-            f.writelines(kept)
-    dist.barrier()
-    return resume_from
+    if cfg.resume:
+        log.warning("--resume: no checkpoint under %s, starting from step 0", cfg.out)
+    return None
+
+
+def trim_metrics(out: str, step: int) -> None:
+    """Keep metrics.jsonl's history up to the step the run continues from (rank 0); a line torn by a kill goes."""
+    path, kept = os.path.join(out, "metrics.jsonl"), []
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                log.warning("metrics.jsonl: dropped a torn line (%r)", line[:60])
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def build(cfg: TrainConfig, device, models: dict) -> tuple[M.UniWorld, M.Encoders, set[str]]:
@@ -461,7 +447,6 @@ def train(cfg: TrainConfig, device, models: dict) -> None:
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
 
-    # models and data (the edit-mask weights live on the autoencoder's latent grid)
     model, encoders, trainable = build(cfg, device, models)
     data = EditData(cfg.data, cfg.resolution, cfg.buckets, cfg.weighting, encoders.ae.factor, encoders.vlm.pixels)
     check_bad(data.bad_records, len(data.records) + data.bad_records, cfg.max_bad, "records", min_seen=0)
@@ -473,22 +458,21 @@ def train(cfg: TrainConfig, device, models: dict) -> None:
         build_cache(data, encoders, device, cfg.cache, fingerprint, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     qk = {p for n, p in model.named_parameters() if n.endswith(("query_norm.scale", "key_norm.scale"))}
-    groups = [[p for p in params if p not in qk], [p for p in params if p in qk]]  # the second: --qk_norm_lr
-    opt = torch.optim.AdamW([{"params": groups[0], "lr_mult": 1.0}, {"params": groups[1], "lr_mult": cfg.qk_norm_lr}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            fused=True)  # one kernel for all tensors, not a loop over them
+    groups = [{"params": [p for p in params if p not in qk], "lr_mult": 1.0},
+              {"params": [p for p in params if p in qk], "lr_mult": cfg.qk_norm_lr}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, fused=True)  # fused: one kernel for all tensors
     ema = ShardedEMA(model, cfg.ema_decay)
     batches = Batches(data, cfg.batch_size, rank, world, cfg.seed, cfg.workers)
     noise = torch.Generator(device).manual_seed(cfg.seed + rank)  # the loss's sigmas and noise (official seed + rank)
     torch.manual_seed(cfg.seed + rank)
-    counts = {"skipped": 0, "seen": 0}  # this rank's bad samples and all samples drawn
     log.info("%d records (%d bad) in %d buckets; %d trainable tensors (%.2fM parameters) on %d ranks", len(data),
              data.bad_records, len(data.buckets), len(trainable), sum(p.numel() for p in params) / 1e6, world)
-    start = 0
+    start, counts = 0, {"skipped": 0, "seen": 0}  # this rank's bad samples and all samples drawn
     if resume_from:
         start, counts = load_checkpoint(resume_from, model, opt, ema, batches, noise, trainable)
-    elif cfg.resume:
-        log.warning("--resume: no checkpoint under %s, starting from step 0", cfg.out)
+    if rank == 0:
+        trim_metrics(cfg.out, start)
     val_samples = data.first_samples(cfg.val_samples)  # fixed validation prompts
 
     stream, bar = iter(batches), tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
@@ -511,8 +495,7 @@ def train(cfg: TrainConfig, device, models: dict) -> None:
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                counted = torch.tensor([counts["skipped"], counts["seen"]], dtype=torch.float64, device=device)
-                totals = torch.cat([loss_sum[None], counted])
+                totals = torch.cat([loss_sum[None], loss_sum.new_tensor([counts["skipped"], counts["seen"]])])
                 dist.all_reduce(totals)  # summed over ranks
                 loss_avg, skipped, seen = totals.tolist()
                 check_bad(int(skipped), int(seen), cfg.max_bad)
@@ -530,17 +513,14 @@ def train(cfg: TrainConfig, device, models: dict) -> None:
                 validate(cfg, step, model, ema, encoders, val_samples)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one line that says where to continue from
         bar.close()
         last = checkpoints(cfg.out)
-        raise Interrupted(f"interrupted at step {step}; the last checkpoint is "
-                          f"{os.path.basename(last[-1]) if last else 'none'}; continue with --resume") from None
+        print(f"train.py: interrupted at step {step}; the last checkpoint is "
+              f"{os.path.basename(last[-1]) if last else 'none'}; continue with --resume", file=sys.stderr, flush=True)
+        sys.exit(130)
     bar.close()
     export(cfg, model, ema, encoders)
-
-
-class Interrupted(Exception):
-    """Ctrl-C: said in one line, with where to continue from."""
 
 
 def main(argv=None, presets: dict | None = None) -> None:
@@ -552,10 +532,9 @@ def main(argv=None, presets: dict | None = None) -> None:
                         format=f"[rank {dist.get_rank()}] %(levelname)s %(name)s: %(message)s")
     try:
         train(cfg, device, models)
-    except (ValueError, OSError, TooMuchBadData, Interrupted) as e:  # the user's to fix: one line, no traceback
-        print(f"train.py: {'' if isinstance(e, Interrupted) else 'error: '}{' '.join(str(e).split())}",
-              file=sys.stderr, flush=True)
-        sys.exit(130 if isinstance(e, Interrupted) else 2)
+    except (ValueError, OSError, TooMuchBadData) as e:  # the user's to fix: one line, no traceback
+        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         dist.destroy_process_group()
 

@@ -26,6 +26,7 @@ from torch import Tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flux  # noqa: E402
 import toy  # noqa: E402
+import toy_data  # noqa: E402
 from model import Encoders, UniWorld  # noqa: E402
 
 FLAGS = {"uniworld": "", "no-siglip": "--siglip none", "ref-latents": "--model toy-ref", "uniform": "--weighting none"}
@@ -63,7 +64,8 @@ class ReferenceEncoders(Encoders):
     def features(self, instructions: list[str], images: list[list], train: bool = True) -> list[dict]:
         out = super().features(instructions, images, train)
         for f, ims in zip(out, images, strict=True):
-            ref = np.asarray(ims[0].convert("RGB").resize((toy.SIZE, toy.SIZE))) if ims else np.zeros((32, 32, 3))
+            size = (toy_data.SIZE, toy_data.SIZE)
+            ref = np.asarray(ims[0].convert("RGB").resize(size)) if ims else np.zeros((*size, 3))
             f["ref"] = self.ae.encode(toy.to_tensor([ref]))[0] * bool(ims)  # (12, 16, 16)
         return out
 
@@ -89,13 +91,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--scale", type=float, default=0.25, help="of the toy recipe's steps")
-    ap.add_argument("--tasks", nargs="+", default=["recolor"], choices=toy.TASKS)
+    ap.add_argument("--tasks", nargs="+", default=["recolor"], choices=toy_data.TASKS)
     ap.add_argument("--settings", nargs="+", default=list(FLAGS), choices=list(FLAGS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flags", default="", help="train.py flags for every run (--flags=--no-compile: short runs)")
     args = ap.parse_args()
     entry = [sys.executable, os.path.abspath(__file__), "stage"]
-    records = [r for r in toy.load_records(args.data, "test") if r["task"] in args.tasks]
+    records = [r for r in toy_data.load_records(args.data, "test") if r["task"] in args.tasks]
     table = {}
     for setting in args.settings:
         for seed in range(args.seeds):
@@ -110,7 +112,7 @@ def main():
                 with open(os.path.join(folder, "config.json"), "w") as f:
                     json.dump(config, f, indent=1)
             torch.set_num_threads(args.threads)
-            rows = toy.evaluate(records, toy.outputs(*load(folder), records, progress=False), show=False)
+            rows = toy_data.evaluate(records, toy.outputs(*load(folder), records, progress=False), show=False)
             for task, row in rows.items():
                 table.setdefault((setting, task), []).append(row)
     print(f"held-out pairs of {args.tasks}, {args.seeds} seeds, the toy recipe at {args.scale} of its steps")

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import toy  # noqa: E402
+import toy_data  # noqa: E402
 
 COPY = "copy the image\n<image>"
 
@@ -27,8 +28,8 @@ COPY = "copy the image\n<image>"
 def copy_ability(model, encoders, refs: list[np.ndarray]) -> str:
     """Copy pairs sampled as sample.py does: mean pixel accuracy, share copied (>= 95% right) and PSNR."""
     outs = toy.outputs(model, encoders, [{"text": COPY, "refs": [r], "target": r} for r in refs], progress=False)
-    acc = np.array([(toy.classify(o) == toy.classify(r)).mean() for r, o in zip(refs, outs, strict=True)])
-    db = np.mean([toy.psnr(o, r) for r, o in zip(refs, outs, strict=True)])
+    acc = np.array([(toy_data.classify(o) == toy_data.classify(r)).mean() for r, o in zip(refs, outs, strict=True)])
+    db = np.mean([toy_data.psnr(o, r) for r, o in zip(refs, outs, strict=True)])
     return f"copy: pixels right {acc.mean():.3f}, copied (>= 95%) {np.mean(acc >= 0.95):.0%}, PSNR {db:.1f} dB"
 
 
@@ -41,7 +42,7 @@ if __name__ == "__main__":
     p.add_argument("--sigma", type=float, default=0.5)
     args = p.parse_args()
     torch.set_num_threads(1)
-    refs = [r["refs"][0] for r in toy.load_records(args.data, "test") if r["refs"]]
+    refs = [r["refs"][0] for r in toy_data.load_records(args.data, "test") if r["refs"]]
     for folder in args.folders:
         model, encoders = toy.load_toy(folder)
         print(folder)

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import flux  # noqa: E402
 import model as M  # noqa: E402
-import toy  # noqa: E402
+import toy_data  # noqa: E402
 import train  # noqa: E402
 
 MID = flux.FluxConfig(vec_in_dim=16, context_in_dim=512, hidden_size=512, num_heads=8, depth=4, depth_single_blocks=8,
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="train.py --compile")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        toy.make_dataset(os.path.join(tmp, "data"), n_train=30 * args.batch, n_test=6)
+        toy_data.make_dataset(os.path.join(tmp, "data"), n_train=30 * args.batch, n_test=6)
         data_txt = os.path.join(tmp, "data", "train.txt")
         if args.model == "toy":
             stages = (0,)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the official key tables (tests/keys) and a small data set in the official format with bad data."""
+"""Shared fixtures: the official key tables (tests/keys), a small data set in the official format with bad data, tiny
+text encoders, and a small toy-world data set."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+import toy_data
 from encoders import ClipPooled, T5Encoder, _add_words, _byte_vocab
 
 KEYS = Path(__file__).resolve().parent / "keys"  # every tensor name and shape of the official checkpoints
@@ -154,3 +156,11 @@ def save_text_encoders(folder, clip: ClipPooled, t5: T5Encoder) -> None:
 def text_encoders():
     """(tiny_clip, tiny_t5, save_text_encoders): builders of random tiny CLIP and T5 encoders, and their saver."""
     return tiny_clip, tiny_t5, save_text_encoders
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory):
+    """toy_data.make_dataset's folder (36 training and 12 held-out pairs, seed 3), made once for the session."""
+    root = str(tmp_path_factory.mktemp("toy"))
+    toy_data.make_dataset(root, n_train=36, n_test=12, seed=3)
+    return root

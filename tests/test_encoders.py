@@ -232,7 +232,8 @@ def test_t5_is_unmasked_and_padded(text_encoders):
 
 def test_save_load_round_trips(vlm, tmp_path, text_encoders):
     instructions, images = ["Make the car red.\n<image>"], [[image(70, 90, 10)]]
-    vlm.save_pretrained(tmp_path / "qwen")
+    for part in (vlm.model, vlm.tokenizer, vlm.image_processor):  # the Qwen hub layout
+        part.save_pretrained(tmp_path / "qwen")
     loaded = load_vlm(str(tmp_path / "qwen"), pixels=vlm.pixels)
     assert all(torch.equal(a, b) for a, b in zip(vlm(instructions, images), loaded(instructions, images), strict=True))
     siglip = tiny_siglip()

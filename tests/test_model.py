@@ -111,10 +111,9 @@ def test_weighted_mse_matches_hand_computation():
     pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 1.0]]]]).repeat(1, 2, 1, 1)  # (2, 2, 2, 2)
     target = torch.zeros_like(pred)
     weights = torch.tensor([[[[1.0, 3.0], [1.0, 1.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])  # (2, 1, 2, 2)
-    valid = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])  # sample 2: bottom row padded
-    # per channel: sample 1 -> 1 + 3*4 + 9 + 16 = 38; sample 2 -> 0 + 0 (padded pixels dropped); 2 channels
-    expected = 2 * 38 / (6 * 2)
-    assert M.weighted_mse(pred, target, weights, valid).item() == pytest.approx(expected)
+    # per channel: sample 1 -> 1 + 3*4 + 9 + 16 = 38; sample 2 -> 2*1 = 2; 2 channels, 16 values in all
+    expected = 2 * (38 + 2) / 16
+    assert M.weighted_mse(pred, target, weights).item() == pytest.approx(expected)
     assert M.weighted_mse(pred, target).item() == pytest.approx((1 + 4 + 9 + 16 + 1) / 8)
 
 

@@ -403,6 +403,17 @@ def test_bad_rows_are_skipped_with_their_line_and_counted(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "out")) == ["good.png", "results.jsonl"]
 
 
+def test_row_names_format_the_image_index(tmp_path):
+    """GenEval's layout ("name": "00001/samples/{i:04d}", bench/benchmarks.py); without a name, the line number."""
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "x", "seeds": [1, 2], "name": "00001/samples/{i:04d}"}\n'
+                                         '{"prompt": "y", "num_images": 2}\n{"prompt": "z", "name": "one"}\n')
+    args = SimpleNamespace(seed=42, steps=2, guidance=1.0, area=None, out=str(tmp_path / "out"))
+    jobs, bad = sample.read_rows(str(tmp_path / "rows.jsonl"), args, {"area": 32 * 32})
+    assert bad == 0 and [os.path.relpath(j["file"], args.out) for j in jobs] == [
+        "00001/samples/0000.png", "00001/samples/0001.png", "000002_0.png", "000002_1.png", "one.png"]
+    assert [j["seed"] for j in jobs] == [1, 2, 42, 43, 42]
+
+
 def test_benchmark_files_become_rows_with_the_official_settings(tmp_path):
     """bench/benchmarks.py: GenEval's metadata -> 4 seeds per prompt at 512 in GenEval's folder layout; ImgEdit's
     {key: {"id", "prompt"}} -> one edit per key, the image path relative to the rows file."""

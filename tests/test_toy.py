@@ -1,4 +1,4 @@
-"""The toy world: dataset format and ground truth, held-out split, structured encoders, metrics on known inputs."""
+"""toy.py: the structured toy encoders and inits, the pixel autoencoder, the showcase batch, the recipe."""
 
 import json
 import os
@@ -11,77 +11,13 @@ from PIL import Image
 import data
 import flux
 import toy
+import toy_data
 from encoders import tiny_vlm
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("toy"))
-    toy.make_dataset(root, n_train=36, n_test=12, seed=3)
-    return root
-
-
-def test_dataset_is_in_the_official_format(dataset):
-    """data.py reads the toy's data.txt files as any other: edits weighted, one <image> per reference, 32x32 PNGs."""
-    for split, n in (("train", 36), ("test", 12)):
-        records, bad = data.read_data_txt(os.path.join(dataset, f"{split}.txt"))
-        assert bad == 0
-        copies = [r for r in records if r.instruction.startswith("copy")]
-        assert len(records) - len(copies) == n and (split == "train") == bool(copies)
-        for r in records:
-            assert r.need_weight == any(r.instruction.startswith(w) for w in ("make", "remove", "add"))
-            assert r.instruction.count("<image>") == len(r.images) - 1
-            for p in r.images:
-                img = Image.open(os.path.join(r.root, p))
-                assert img.format == "PNG" and img.size == (toy.SIZE, toy.SIZE)
-    copies, _ = data.read_data_txt(os.path.join(dataset, "copy.txt"))  # the curriculum's first phase
-    assert len(copies) == 30 and all(r.images[0] == r.images[1] for r in copies)  # 5 of 6 tasks have a reference
-    assert {r.instruction for r in copies} == {"copy the image\n<image>"}
-
-
-def test_ground_truth_is_exact():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        s = toy.make_sample(rng, "recolor")
-        ref, tgt = s["refs"][0], s["target"]
-        _, _, old, kind, _, _, row, col, color = s["text"].split()  # "make the red circle at the top left blue"
-        changed = (ref != tgt).any(-1)
-        assert (tgt[changed] == toy.COLORS[color]).all() and changed.any()  # only the named shape, all of it
-        assert (ref[changed] == toy.COLORS[old]).all()
-        ys, xs = np.nonzero(changed)  # the named cell is the shape's
-        assert abs(ys.mean() + 0.5 - toy.CELL[toy.ROWS.index(row)]) < 2.5
-        assert abs(xs.mean() + 0.5 - toy.CELL[toy.COLS.index(col)]) < 2.5
-        s = toy.make_sample(rng, "remove")
-        changed = (s["refs"][0] != s["target"]).any(-1)
-        assert (s["target"][changed] == s["target"][0, 0]).all()  # the removed shape becomes background
-        assert len(np.unique(s["target"].reshape(-1, 3), axis=0)) == 2  # one shape of the two is left
-        s = toy.make_sample(rng, "segment")
-        assert set(np.unique(s["target"])) <= {0, 255} and (s["target"] == 255).any()
-        changed = (s["refs"][0] != s["refs"][0][0, 0]).any(-1)
-        assert not (s["target"][~changed] == 255).any()  # the mask lies inside the shapes
-
-
-def test_edge_map_of_a_square():
-    s = toy.Shape("square", "red", 1, 1, 15.5, 15.5, 4.0)
-    e = toy.edge_map(toy.draw("black", [s])).mean(-1) > 0
-    m = toy.shape_mask(s)
-    assert e.sum() == 4 * (m.any(0).sum() - 1) and (e <= m).all()  # the inner boundary ring of the square
-
-
-def test_dataset_is_deterministic_and_held_out_pairs_are_not_trained_on(dataset, tmp_path):
-    toy.make_dataset(str(tmp_path), n_train=36, n_test=12, seed=3)
-    for split in ("train", "test"):
-        a, b = toy.load_records(dataset, split), toy.load_records(str(tmp_path), split)
-        assert [r["text"] for r in a] == [r["text"] for r in b]
-        assert all((x["target"] == y["target"]).all() for x, y in zip(a, b, strict=True))
-    key = lambda r: (r["text"], r["target"].tobytes(), *(x.tobytes() for x in r["refs"]))
-    held_out = {key(r) for r in toy.load_records(dataset, "test")}
-    assert not held_out & {key(r) for r in toy.load_records(dataset, "train")}
 
 
 def test_toy_siglip_keeps_patch_content_rope_phase_and_position_code():
     siglip = toy.toy_siglip()
-    img = np.zeros((toy.SIZE, toy.SIZE, 3), np.uint8)
+    img = np.zeros((toy_data.SIZE, toy_data.SIZE, 3), np.uint8)
     img[4:8, 8:12] = (255, 0, 0)  # the patch at row 1, column 2 of the 8x8 grid
     tokens = siglip([Image.fromarray(img)])[0]  # (64, 140)
     assert tokens.shape == (64, 48 + 28 + 64)
@@ -104,12 +40,12 @@ def test_toy_vlm_cell_words_carry_the_rope_phase_of_their_cell():
     emb, ids = vlm.model.get_input_embeddings().weight, vlm.tokenizer.convert_tokens_to_ids
     rows = toy.rope_sincos(torch.arange(8), c.axes_dim[1], c.theta).float()  # (8, 14): [cos, sin](r w_k) of row r
     best = [1, 3, 6]  # the token rows nearest the cell centres 0.9, 3.4 and 5.9
-    for words, start in ((toy.ROWS, 0), (toy.COLS, c.axes_dim[1])):
+    for words, start in ((toy_data.ROWS, 0), (toy_data.COLS, c.axes_dim[1])):
         for word, r in zip(words, best, strict=True):
             e = emb[ids(word)]
             assert not e[:start].any() and not e[start + 14 :].any()
             assert (rows @ e[start : start + 14]).argmax() == r  # sum_k cos((r - p) w_k): largest at the cell's row
-    other = tiny_vlm(0, hidden=64, layers=2, words=toy.WORDS, pixels=56 * 56).model.get_input_embeddings().weight
+    other = tiny_vlm(0, hidden=64, layers=2, words=toy_data.WORDS, pixels=56 * 56).model.get_input_embeddings().weight
     assert torch.equal(emb[ids("red")], other[ids("red")]) and not torch.equal(emb[ids("top")], other[ids("top")])
 
 
@@ -144,7 +80,7 @@ def test_dit_init_makes_every_block_the_identity_and_the_output_zero():
 
 
 def test_pixel_autoencoder_round_trip_token_grid_and_folder(tmp_path):
-    x = torch.rand(2, 3, toy.SIZE, toy.SIZE) * 2 - 1
+    x = torch.rand(2, 3, toy_data.SIZE, toy_data.SIZE) * 2 - 1
     ae = flux.PixelUnshuffle(2)
     z = ae.encode(x)
     assert z.shape == (2, 12, 16, 16) and torch.equal(ae.decode(z), x)
@@ -154,36 +90,13 @@ def test_pixel_autoencoder_round_trip_token_grid_and_folder(tmp_path):
     assert isinstance(again, flux.PixelUnshuffle) and again.factor == 2
 
 
-def test_metrics_on_known_outputs():
-    rng = np.random.default_rng(2)  # among the 3 pairs per task: two-shape recolors and a two-shape segment
-    records = [toy.make_sample(rng, t) for t in toy.TASKS for _ in range(3)]
-    perfect = toy.evaluate(records, [r["target"] for r in records], show=False)
-    for task, row in perfect.items():
-        assert row["success"] == 1.0 and row["psnr"] == float("inf"), task
-    assert perfect["segment"]["iou"] == 1.0 and perfect["recolor"]["keep"] == 1.0
-    assert perfect["remove"]["other"] == perfect["add"]["other"] == 1.0  # both always keep a shape
-    same = toy.evaluate(records, [r["refs"][0] if r["refs"] else r["target"] for r in records], show=False)
-    for task in ("recolor", "remove", "add"):
-        assert same[task]["success"] == 0.0 and same[task]["keep"] == 1.0 and same[task]["other"] == 1.0
-        assert same[task]["psnr"] == same[task]["base_psnr"] < 40
-    blank = [np.zeros_like(r["target"]) for r in records]
-    assert toy.evaluate(records, blank, show=False)["segment"]["iou"] == 0.0
-    # acting on every shape: removal that clears the scene keeps no other shape; segmenting every shape marks both
-    cleared = [np.broadcast_to(r["refs"][0][0, 0], r["target"].shape) if r["refs"] else r["target"] for r in records]
-    assert toy.evaluate(records, cleared, show=False)["remove"]["other"] == 0.0
-    everything = [np.where((r["refs"][0] != r["refs"][0][0, 0]).any(-1, keepdims=True), 255, 0).astype(np.uint8)
-                  .repeat(3, -1) if r["task"] == "segment" else r["target"] for r in records]
-    row = toy.evaluate(records, everything, show=False)["segment"]
-    assert row["other"] == 0.0 and row["iou"] < 1.0
-
-
-def test_a_batch_file_of_held_out_pairs_scores_its_outputs_and_draws_the_showcase(dataset, tmp_path):
+def test_a_batch_file_of_held_out_pairs_scores_its_outputs_and_draws_the_showcase(toy_dataset, tmp_path):
     """write_batch -> (sample.py --batch) -> evaluate_batch: the targets as outputs score 100%, the references 0%
     on the edits; the grid has a row of two pairs (reference | output | target each) per two rows of the file."""
     path = str(tmp_path / "batch.jsonl")
-    toy.write_batch(dataset, path, 2)
+    toy.write_batch(toy_dataset, path, 2)
     rows = [json.loads(line) for line in open(path)]
-    assert [r["task"] for r in rows] == [t for t in toy.TASKS for _ in range(2)]
+    assert [r["task"] for r in rows] == [t for t in toy_data.TASKS for _ in range(2)]
     for out, pick in (("targets", lambda r: r["target"]), ("inputs", lambda r: (r["images"] or [r["target"]])[0])):
         for r in rows:
             os.makedirs(tmp_path / out / r["task"], exist_ok=True)
@@ -191,18 +104,9 @@ def test_a_batch_file_of_held_out_pairs_scores_its_outputs_and_draws_the_showcas
     grid = str(tmp_path / "grid.png")
     perfect = toy.evaluate_batch(path, str(tmp_path / "targets"), show=False, grid=grid)
     assert all(row["success"] == 1.0 for row in perfect.values())
-    assert Image.open(grid).size == (6 * toy.SIZE * 4, len(rows) // 2 * toy.SIZE * 4)
+    assert Image.open(grid).size == (6 * toy_data.SIZE * 4, len(rows) // 2 * toy_data.SIZE * 4)
     unchanged = toy.evaluate_batch(path, str(tmp_path / "inputs"), show=False)
     assert all(unchanged[t]["success"] == 0.0 for t in ("recolor", "remove", "add"))
-
-
-def test_psnr_and_palette_classification():
-    a = np.zeros((4, 4, 3), np.uint8)
-    b = a.copy()
-    b[0, 0, 0] = 255
-    assert abs(toy.psnr(a, b) - 10 * np.log10(255**2 / (255**2 / 48))) < 1e-9
-    noisy = np.clip(np.array(toy.COLORS["blue"]) + 30, 0, 255).astype(np.uint8)[None, None]
-    assert toy.classify(noisy)[0, 0] == list(toy.COLORS).index("blue")
 
 
 def test_recipe_through_train_py_learns_and_samples(tmp_path):
@@ -210,7 +114,7 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     falls, every stage exports a weights folder that sample.py loads like the release, and the held-out evaluation
     runs on it."""
     root, run = str(tmp_path / "data"), str(tmp_path / "run")
-    toy.make_dataset(root, n_train=120, n_test=12, seed=0)
+    toy_data.make_dataset(root, n_train=120, n_test=12, seed=0)
     toy.train(root, run, flags="--no-compile", scale=0.01, threads=1, read=0)  # compiling: longer than training
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "s0", "metrics.jsonl"))]  # every 50 steps
     steps = json.load(open(os.path.join(run, "s0", "train_config.json")))["steps"]
@@ -218,17 +122,17 @@ def test_recipe_through_train_py_learns_and_samples(tmp_path):
     for stage in ("s0-copy", "s0", "s1", "s2"):
         assert os.path.isfile(os.path.join(run, stage, "ema", "sample.json"))
     rows = toy.evaluate_folder(os.path.join(run, "s2", "ema"), root, show=False)
-    assert set(rows) == set(toy.TASKS) and all(r["n"] == 2 for r in rows.values())
+    assert set(rows) == set(toy_data.TASKS) and all(r["n"] == 2 for r in rows.values())
     import sample
 
     out = str(tmp_path / "edit.png")  # the weights folder's own example, size, steps and guidance (sample.json)
     sample.main(["--weights", os.path.join(run, "s2", "ema"), "--edit", "--out", out])
-    assert Image.open(out).size == (toy.SIZE, toy.SIZE)
+    assert Image.open(out).size == (toy_data.SIZE, toy_data.SIZE)
 
 
-def test_a_focused_run_trains_on_its_tasks_and_the_copies_only(dataset, tmp_path, monkeypatch):
+def test_a_focused_run_trains_on_its_tasks_and_the_copies_only(toy_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "RECIPE", ())  # the data selection only, no training
-    toy.train(dataset, str(tmp_path), tasks=["recolor"])
+    toy.train(toy_dataset, str(tmp_path), tasks=["recolor"])
     records, _ = data.read_data_txt(str(tmp_path / "mix.txt"))
     assert {r.instruction.split()[0] for r in records} == {"make", "copy"}
 
@@ -254,7 +158,7 @@ def test_recipe_flags_and_seeds_reach_every_stage(tmp_path, monkeypatch):
                                                                              ("s0-copy", "s0", "s1", "s2")]
     assert all(a.count("--batch_size") == 2 and a[a.index("--seed") + 1] == str(i // 4) for i, a in enumerate(runs))
     steps = [int(a[a.index("--steps") + 1]) for a in runs[:4]]
-    assert steps == [s // 2 for s in (toy.steps_of(f) for _, f in toy.RECIPE)]
+    assert steps == [int(f.split("--steps ")[1].split()[0]) // 2 for _, f in toy.RECIPE]
     assert table["edges"]["success"] == [0.9, 0.7, 0.8]
 
 
