@@ -238,9 +238,9 @@ COMMON = ("--model toy --resolution 32 --batch_size 8 --workers 0 --lr 2e-3 --qk
 RECIPE = (  # run name, train.py flags ({out}: the recipe's folder, {data}: the data set's, {cache}: its caches)
     ("s0-copy", "--stage 0 --data {data}/copy.txt --steps 1500 --cache {cache}/copy --shift 1.5"),  # high noise
     ("s0", "--stage 0 --data {data}/mix.txt --init {out}/s0-copy --steps 40000 --decay 6000 --cache {cache}/mix"),
-    ("s1", "--stage 1 --data {data}/mix.txt --flux {out}/s0/ema --steps 500 --lr 1e-3"),  # no cache: too short
+    ("s1", "--stage 1 --data {data}/mix.txt --flux {out}/s0/ema --steps 500 --lr 1e-3 --no-compile"),  # uncached
     ("s2", "--stage 2 --data {data}/mix.txt --flux {out}/s0/ema --init {out}/s1 --steps 1000 --lr 1e-4 "
-           "--warmup 0 --no-grad_ckpt --cache {cache}/mix"),
+           "--warmup 0 --no-grad_ckpt --cache {cache}/mix --no-compile"),  # short: compiling costs more than it saves
 )
 READ, MAX_COPY_STEPS = 0.5, 8000  # the copy stage ends once a head reads its own position with this attention
 ENTRY = [sys.executable, os.path.abspath(__file__), "stage"]  # a stage: train.main(argv, PRESETS) in a fresh process
