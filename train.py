@@ -513,12 +513,11 @@ def train(cfg: TrainConfig, device, models: dict) -> None:
                 validate(cfg, step, model, ema, encoders, val_samples)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(cfg, step, model, opt, ema, batches, noise, counts, trainable)
-    except KeyboardInterrupt:  # Ctrl-C: one line that says where to continue from
+    except KeyboardInterrupt:  # Ctrl-C: main says where to continue from
         bar.close()
         last = checkpoints(cfg.out)
-        print(f"train.py: interrupted at step {step}; the last checkpoint is "
-              f"{os.path.basename(last[-1]) if last else 'none'}; continue with --resume", file=sys.stderr, flush=True)
-        sys.exit(130)
+        raise KeyboardInterrupt(f"interrupted at step {step}; the last checkpoint is "
+                                f"{os.path.basename(last[-1]) if last else 'none'}; continue with --resume") from None
     bar.close()
     export(cfg, model, ema, encoders)
 
@@ -535,6 +534,9 @@ def main(argv=None, presets: dict | None = None) -> None:
     except (ValueError, OSError, TooMuchBadData) as e:  # the user's to fix: one line, no traceback
         print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, the shell's exit code for SIGINT
+        print(f"train.py: {e or 'interrupted'}", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         dist.destroy_process_group()
 
