@@ -19,7 +19,7 @@ ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 CELL = (5.5, 15.5, 25.5)  # centres of the 3x3 placement cells; shapes never overlap (radius < 5)
 TASKS = ("t2i", "recolor", "remove", "add", "segment", "edges")
 COPY, COPY_EVERY = "copy", 5  # curriculum only (train.txt keeps one copy pair per 5 references; copy.txt has all)
-MIX = {"add": 2, "edges": 2}  # mix.txt: each task's pairs this many times (1 if not named)
+MIX = {"t2i": 2, "add": 2, "edges": 2}  # mix.txt: each task's pairs this many times (1 if not named)
 # every word of the instructions and of the chat template: the toy VLM's vocabulary
 WORDS = sorted({*COLORS, *BACKGROUNDS, *SHAPES, *ROWS, *COLS, "a", "at", "the", "on", "make", "remove", "add",
                 "segment", "detect", "edges", "background", "copy", "image", "user", "assistant"})
@@ -161,7 +161,7 @@ def make_dataset(root: str, n_train: int, n_test: int, seed: int = 0) -> None:
                          f"{str(task in ('recolor', 'remove', 'add')).lower()}")
         with open(os.path.join(root, f"{split}.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
-        if split == "train":  # the recipe's mix: add and edges, the slowest to learn, twice as often
+        if split == "train":  # the recipe's mix: text to image, add and edges, the slowest to learn, twice as often
             with open(os.path.join(root, "mix.txt"), "w") as f:
                 task_of = lambda line: os.path.basename(line.split(",")[1])[len("train_") : -len(".json")]
                 f.write("\n".join(line for line in lines for _ in range(MIX.get(task_of(line), 1))) + "\n")

@@ -26,6 +26,9 @@ def test_dataset_is_in_the_official_format(toy_dataset):
     copies, _ = data.read_data_txt(os.path.join(toy_dataset, "copy.txt"))  # the curriculum's first phase
     assert len(copies) == 30 and all(r.images[0] == r.images[1] for r in copies)  # 5 of 6 tasks have a reference
     assert {r.instruction for r in copies} == {"copy the image\n<image>"}
+    mix = [os.path.basename(line.split(",")[1]) for line in open(os.path.join(toy_dataset, "mix.txt")).read().split()]
+    assert sorted(mix) == sorted(f"train_{t}.json" for t in (*toy_data.TASKS, toy_data.COPY)
+                                 for _ in range(toy_data.MIX.get(t, 1)))  # the recipe's mix: the lagging tasks twice
 
 
 def test_ground_truth_is_exact():

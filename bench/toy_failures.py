@@ -1,0 +1,62 @@
+"""Why a toy model's drawn shapes fail: for text to image and add (the two tasks that draw a shape from words alone),
+each failed held-out pair is put in the first class it fits.
+
+    python bench/toy_failures.py FOLDER [FOLDER ...] [--data data/toy]
+
+colour: fewer than 30% as many pixels of the named colour (outside the reference's shapes) as the target shape has;
+place: their centroid more than 4 px (|dy| + |dx|) from the target shape's; size: their count outside 0.6-1.6x the
+target's; kind: the best-fitting template (circle, square or triangle at that centroid, radius 3.3-5) is not the
+named kind; form: the right colour, place, size and kind, but the outline or the rest of the picture is off.
+FOLDER: a toy export (toy.py train's <run>/<stage>/ema, or assets/toy). The pairs are sampled with other noise seeds
+than `toy.py eval` uses (42 + their index among these two tasks), so "ok" can differ from its table by a few points.
+"""
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import toy  # noqa: E402
+import toy_data as T  # noqa: E402
+
+
+def failure(r: dict, out: np.ndarray) -> str:
+    """The class of one pair's output (see the module docstring), "ok" if it succeeds."""
+    ref = r["refs"][0] if r["refs"] else None
+    if T.score(r["task"], ref, r["target"], out)["success"]:
+        return "ok"
+    target, got = T.classify(r["target"]), T.classify(out)
+    base = T.classify(ref) if ref is not None else np.full_like(target, target[0, 0])
+    shape = target != base  # the drawn shape's pixels
+    drawn = (got == np.bincount(target[shape]).argmax()) & (base == target[0, 0])
+    if drawn.sum() < 0.3 * shape.sum():
+        return "colour"
+    (cy, cx), (gy, gx) = np.argwhere(shape).mean(0), np.argwhere(drawn).mean(0)
+    if abs(cy - gy) + abs(cx - gx) > 4:
+        return "place"
+    if not 0.6 < drawn.sum() / shape.sum() < 1.6:
+        return "size"
+    iou = lambda m: (m & drawn).sum() / (m | drawn).sum()
+    fits = [(iou(T.shape_mask(T.Shape(k, "red", 0, 0, gy + 0.5, gx + 0.5, rad))), k)
+            for k in T.SHAPES for rad in np.linspace(3.3, 5, 8)]
+    return "kind" if max(fits)[1] not in r["text"].split() else "form"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+")
+    p.add_argument("--data", default="data/toy")
+    args = p.parse_args()
+    records = [r for r in T.load_records(args.data, "test") if r["task"] in ("t2i", "add")]
+    print("| model | task | pairs | ok | colour | place | size | kind | form |\n|---|---|---|---|---|---|---|---|---|")
+    for folder in args.folders:
+        model, encoders = toy.load_toy(folder)
+        outs = toy.outputs(model, encoders, records, progress=False)
+        for task in ("t2i", "add"):
+            c = Counter(failure(r, o) for r, o in zip(records, outs, strict=True) if r["task"] == task)
+            print(f"| {folder} | {task} | {sum(c.values())} | " + " | ".join(
+                str(c[k]) for k in ("ok", "colour", "place", "size", "kind", "form")) + " |", flush=True)
