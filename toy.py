@@ -21,7 +21,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -255,23 +257,26 @@ def reads_its_reference(folder: str, data: str, n: int = 16) -> float:
 
 
 def train(data: str, out: str, flags: str = "", tasks: list[str] | None = None, scale: float = 1.0,
-          threads: int = 2, entry: list[str] = ENTRY, read: float = READ, batch: int = 8) -> None:
+          threads: int = 2, entry: list[str] = ENTRY, read: float = READ, batch: int = 8, log=None) -> None:
     """Run the recipe, each stage a fresh train.py process whose EMA export save_toy completes into a weights folder;
     a rerun keeps the exported stages and resumes a cut one. `flags` go to every stage; `tasks` keeps only those tasks
     (and the copies) in the mix; `scale` multiplies the steps; `batch` pairs a step (a GPU's 64) divides them by
     batch / 8 and multiplies the lr by its square root. The copy stage goes on, 1,000 steps at a time up to
-    MAX_COPY_STEPS, until reads_its_reference >= `read` (0: no gate): every later stage depends on that read."""
+    MAX_COPY_STEPS, until reads_its_reference >= `read` (0: no gate): every later stage depends on that read. `log`:
+    an open file for all of its output and its train.py runs', instead of the terminal (runs side by side)."""
+    os.makedirs(out, exist_ok=True)
+    streams = {"stdout": log, "stderr": subprocess.STDOUT} if log else {}  # the train.py runs' output
+    say = lambda text: print(text, file=log or sys.stdout, flush=True)
     mix, key = os.path.join(data, "mix.txt"), re.sub(r"--seed \d+", "", " ".join(flags.split()))
     cache = os.path.join(data, "cache", hashlib.sha1(key.encode()).hexdigest()[:8])  # shared by the seeds of a setting
     if tasks:
         keep = tuple(f"train_{t}.json" for t in (*tasks, COPY))
-        os.makedirs(out, exist_ok=True)
         with open(mix) as f, open(os.path.join(out, "mix.txt"), "w") as g:
             g.writelines(line for line in f if line.split(",")[1].endswith(keep))
         mix, cache = os.path.join(out, "mix.txt"), os.path.join(out, "cache")
     for name, stage_flags in RECIPE:
         if os.path.isdir(os.path.join(out, name, "ema")):
-            print(f"{name}: done before, kept")
+            say(f"{name}: done before, kept")
             continue
         argv = f"{COMMON} {stage_flags} {flags} --out {out}/{name}".format(out=out, data=data, cache=cache)
         argv = argv.replace(f"{data}/mix.txt", mix).split()
@@ -280,22 +285,25 @@ def train(data: str, out: str, flags: str = "", tasks: list[str] | None = None, 
             for i in [i + 1 for i, a in enumerate(argv) if a == flag]:  # the cool-down keeps its share of the stage
                 value = float(argv[i]) * factor
                 argv[i] = f"{value:.3g}" if flag == "--lr" else str(max(1, round(value)))
-        print(f"{name}: train.py {' '.join(argv)}", flush=True)
+        say(f"{name}: train.py {' '.join(argv)}")
         t, env = time.perf_counter(), {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        subprocess.run([*entry, *argv, "--resume"], check=True, env=env)  # --resume: a rerun goes on where it stopped
+        subprocess.run([*entry, *argv, "--resume"], check=True, env=env, **streams)  # a rerun goes on where it stopped
         save_toy(os.path.join(out, name, "ema"))
         steps = int(argv[argv.index("--steps") + 1])
         while name == "s0-copy" and read and steps < MAX_COPY_STEPS * scale / k:
             torch.set_num_threads(threads)
             strongest = reads_its_reference(os.path.join(out, name, "ema"), data)
-            print(f"{name}: {steps} steps, the reference read {strongest:.2f}", flush=True)
+            say(f"{name}: {steps} steps, the reference read {strongest:.2f}")
             if strongest >= read:
                 break
             steps += max(1, round(1000 * scale / k))
             argv[argv.index("--steps") + 1] = str(steps)
-            subprocess.run([*entry, *argv, "--resume"], check=True, env=env)
+            subprocess.run([*entry, *argv, "--resume"], check=True, env=env, **streams)
             save_toy(os.path.join(out, name, "ema"))
-        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+        say(f"{name}: {time.perf_counter() - t:.0f} s")
+
+
+PROBING = threading.Lock()  # attention_probe swaps flux.attention for a recording copy while it runs
 
 
 @torch.no_grad()
@@ -318,27 +326,42 @@ def attention_probe(model, encoders, refs: list[np.ndarray], sigma: float) -> li
         rows.append(torch.stack([own, on_sig, on_vlm], -1))
         return attention(q, k, v, pe, mask)
 
-    attention, flux.attention = flux.attention, probe
-    try:
-        x0 = flux.PixelUnshuffle(2).encode(to_tensor(refs))
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-        pooled = torch.zeros(len(refs), model.denoiser.config.vec_in_dim)  # no CLIP in the toy, as trained
-        model.velocity((1 - sigma) * x0 + sigma * noise, torch.full((len(refs),), sigma), txt, pooled, 1.0, mask)
-    finally:
-        flux.attention = attention
+    with PROBING:  # one probe at a time (toy.py seeds runs several recipes' gates in threads)
+        attention, flux.attention = flux.attention, probe
+        try:
+            x0 = flux.PixelUnshuffle(2).encode(to_tensor(refs))
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+            pooled = torch.zeros(len(refs), model.denoiser.config.vec_in_dim)  # no CLIP in the toy, as trained
+            model.velocity((1 - sigma) * x0 + sigma * noise, torch.full((len(refs),), sigma), txt, pooled, 1.0, mask)
+        finally:
+            flux.attention = attention
     names = [f"d{i}" for i in range(len(model.denoiser.double_blocks))]
     names += [f"s{i}" for i in range(len(model.denoiser.single_blocks))]
     return list(zip(names, rows, strict=True))
 
 
 def seeds(data: str, out: str, n: int, flags: str = "", tasks: list[str] | None = None, scale: float = 1.0,
-          threads: int = 2, batch: int = 8) -> dict:
-    """The recipe with seeds 0..n-1 (denoiser init, data order and noise; the frozen encoders stay the same), each
-    evaluated on the held-out split: per task the mean and the range over the seeds."""
-    rows = []
-    for seed in range(n):
-        train(data, os.path.join(out, f"seed{seed}"), f"{flags} --seed {seed}", tasks, scale, threads, batch=batch)
-        rows.append(evaluate_folder(os.path.join(out, f"seed{seed}", "s2", "ema"), data, tasks=tasks, show=False))
+          threads: int = 1, batch: int = 8, jobs: int | None = None) -> dict:
+    """The recipe with seeds 0..n-1 (denoiser init, data order and noise; the frozen encoders stay the same), `jobs`
+    of them at a time (default: all), each logging to OUT/seedN.log, then each evaluated on the held-out split: per
+    task the mean and the range over the seeds. Runs of 1 thread side by side use a CPU's cores better than one run's
+    threads do (docs/toy.md, 2026-12-08)."""
+    os.makedirs(out, exist_ok=True)
+    folders = [os.path.join(out, f"seed{seed}") for seed in range(n)]
+    print(f"{n} runs, {jobs or n} at a time: their output in {out}/seed0.log ...", flush=True)
+
+    def run(seed: int) -> None:
+        with open(f"{folders[seed]}.log", "a") as log:
+            try:
+                train(data, folders[seed], f"{flags} --seed {seed}", tasks, scale, threads, batch=batch, log=log)
+            except Exception:
+                print(f"seed {seed} failed: the end of {log.name} says why", flush=True)
+                raise
+
+    with ThreadPoolExecutor(jobs or n) as pool:  # each run is train.py processes: the threads only wait for them
+        list(pool.map(run, range(n)))
+    torch.set_num_threads(2)  # the evaluations, one after another
+    rows = [evaluate_folder(os.path.join(f, "s2", "ema"), data, tasks=tasks, show=False) for f in folders]
     table = {}
     print(f"{'task':8} {'success: mean (min-max)':>24} {'IoU':>18}   per seed")
     for task in rows[0]:
@@ -415,9 +438,11 @@ if __name__ == "__main__":
         t.add_argument("--flags", default="", help='train.py flags for every stage, e.g. "--seed 1" or "--siglip none"')
         t.add_argument("--tasks", nargs="+", choices=TASKS, help="train (and evaluate) only these tasks")
         t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.01: a smoke run)")
-        t.add_argument("--threads", type=int, default=2, help="OpenMP threads of each train.py process")
+        t.add_argument("--threads", type=int, default=2 if name == "train" else 1,
+                       help="OpenMP threads of each train.py process")
         t.add_argument("--batch", type=int, default=8, help="pairs a step (a GPU: 64): fewer steps, higher lr")
-        t.add_argument("--n", type=int, default=3, help="seeds (toy.py seeds)")
+    t.add_argument("--n", type=int, default=3, help="seeds")
+    t.add_argument("--jobs", type=int, help="runs at a time (default: all of them; each logs to OUT/seedN.log)")
     e = sub.add_parser("eval", help="the held-out table: python toy.py eval FOLDER --data DIR")
     e.add_argument("folder", help="assets/toy, a recipe stage's export such as RUN/s2/ema, or --batch's outputs")
     e.add_argument("--data", help="the data set whose held-out split to sample and score")
@@ -439,7 +464,8 @@ if __name__ == "__main__":
         evaluate_folder(os.path.join(a.out, "s2", "ema"), a.data, tasks=a.tasks)
         print(f"recipe and held-out table: {(time.perf_counter() - start) / 60:.1f} min")
     elif a.command == "seeds":
-        seeds(os.path.abspath(a.data), os.path.abspath(a.out), a.n, a.flags, a.tasks, a.scale, a.threads, a.batch)
+        seeds(os.path.abspath(a.data), os.path.abspath(a.out), a.n, a.flags, a.tasks, a.scale, a.threads, a.batch,
+              a.jobs)
     elif a.command == "batch":
         write_batch(a.data, a.out, a.n)
         print(f"wrote {a.out}: python sample.py --batch {a.out} --out OUT, then python toy.py eval OUT --batch {a.out}")

@@ -1,7 +1,12 @@
 """toy.py: the structured toy encoders and inits, the pixel autoencoder, the showcase batch, the recipe."""
 
 import json
+import math
 import os
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -79,6 +84,21 @@ def test_dit_init_makes_every_block_the_identity_and_the_output_zero():
     assert all(p.grad is not None for p in gates)  # zero until the output layer moves, but connected
 
 
+def test_read_init_reads_each_tokens_own_position_from_the_start_and_probes_run_side_by_side(toy_dataset):
+    """toy.read_init: at init, head 1 of the first double block puts most of its attention on the SigLIP token at
+    each image token's own position (what the recipe's gate probes); probes in threads (toy.py seeds) each get what a
+    probe alone gets, although a probe swaps flux.attention while it runs."""
+    cfg = SimpleNamespace(flux="", seed=0, stage=0, siglip="siglip")
+    model, encoders = toy.toy_models(cfg, "cpu")
+    refs = [r["refs"][0] for r in toy_data.load_records(toy_dataset, "test") if r["refs"]][:4]
+    alone = dict(toy.attention_probe(model, encoders, refs, sigma=0.5))
+    assert list(alone) == ["d0", "d1", "s0", "s1"] and alone["d0"][1, 0] > 0.5 > alone["d0"][0, 0]
+    assert max(row[:, 0].max() for name, row in alone.items() if name != "d0") < 0.1  # no other head reads it
+    with ThreadPoolExecutor(3) as pool:
+        side_by_side = list(pool.map(lambda _: dict(toy.attention_probe(model, encoders, refs, 0.5)), range(3)))
+    assert all(torch.equal(p[k], alone[k]) for p in side_by_side for k in alone)
+
+
 def test_pixel_autoencoder_round_trip_token_grid_and_folder(tmp_path):
     x = torch.rand(2, 3, toy_data.SIZE, toy_data.SIZE) * 2 - 1
     ae = flux.PixelUnshuffle(2)
@@ -142,7 +162,7 @@ def test_recipe_flags_and_seeds_reach_every_stage(tmp_path, monkeypatch):
     cool-down, and `toy.py seeds` runs the recipe once per seed and reports mean and range."""
     runs = []
 
-    def fake_run(cmd, check, env):
+    def fake_run(cmd, check, env, **streams):
         argv = cmd[3:]
         runs.append(argv)
         os.makedirs(os.path.join(argv[argv.index("--out") + 1], "ema"), exist_ok=True)
@@ -153,7 +173,7 @@ def test_recipe_flags_and_seeds_reach_every_stage(tmp_path, monkeypatch):
     scores = iter([0.9, 0.7, 0.8])
     monkeypatch.setattr(toy, "evaluate_folder", lambda folder, data, tasks=None, show=False: {
         "edges": {"success": next(scores), "iou": 0.8}})
-    table = toy.seeds(str(tmp_path / "data"), str(tmp_path / "runs"), 3, flags="--batch_size 64", scale=0.5)
+    table = toy.seeds(str(tmp_path / "data"), str(tmp_path / "runs"), 3, flags="--batch_size 64", scale=0.5, jobs=1)
     assert [a[a.index("--out") + 1].rsplit("/", 2)[1:] for a in runs[:4]] == [["seed0", s] for s in
                                                                              ("s0-copy", "s0", "s1", "s2")]
     assert all(a.count("--batch_size") == 2 and a[a.index("--seed") + 1] == str(i // 4) for i, a in enumerate(runs))
@@ -162,12 +182,42 @@ def test_recipe_flags_and_seeds_reach_every_stage(tmp_path, monkeypatch):
     assert table["edges"]["success"] == [0.9, 0.7, 0.8]
 
 
+def test_seeds_run_side_by_side_each_into_its_own_log(tmp_path, monkeypatch):
+    """toy.py seeds: the seeds' recipes run at once (each stage waits for the other seeds' first stage here), each
+    train.py run's output in OUT/seedN.log; a failed seed says where to look."""
+    meet, out = threading.Barrier(3, timeout=30), tmp_path / "runs"
+
+    def fake_run(cmd, check, env, stdout, stderr):
+        folder = cmd[cmd.index("--out") + 1]
+        if folder.endswith("s0-copy"):
+            meet.wait()  # breaks (and fails the test) unless all three seeds are in their copy stage at once
+        print(f"train.py {cmd[cmd.index('--seed') + 1]}", file=stdout, flush=True)
+        os.makedirs(os.path.join(folder, "ema"), exist_ok=True)
+
+    monkeypatch.setattr(toy.subprocess, "run", fake_run)
+    monkeypatch.setattr(toy, "save_toy", lambda folder: None)
+    monkeypatch.setattr(toy, "reads_its_reference", lambda folder, data: 1.0)
+    monkeypatch.setattr(toy, "evaluate_folder", lambda folder, data, tasks=None, show=False: {
+        "t2i": {"success": 1.0, "iou": math.nan}})
+    toy.seeds(str(tmp_path / "data"), str(out), 3)
+    for seed in range(3):
+        log = (out / f"seed{seed}.log").read_text()
+        assert log.count(f"train.py {seed}") == len(toy.RECIPE) and "s0-copy: train.py" in log
+
+    def broken(cmd, check, env, stdout, stderr):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(toy.subprocess, "run", broken)
+    with pytest.raises(subprocess.CalledProcessError):
+        toy.seeds(str(tmp_path / "data"), str(tmp_path / "broken"), 2)
+
+
 def test_the_copy_stage_goes_on_until_the_reference_read_forms(tmp_path, monkeypatch):
     """The gate of the recipe: copies continue (--resume, 1,000 steps at a time) while the probe's strongest
     own-position read is under toy.READ, then the mix starts."""
     runs, reads = [], iter([0.1, 0.3, 0.7])
 
-    def fake_run(cmd, check, env):
+    def fake_run(cmd, check, env, **streams):
         runs.append(cmd[3:])
         os.makedirs(os.path.join(cmd[cmd.index("--out") + 1], "ema"), exist_ok=True)
 
