@@ -287,19 +287,18 @@ def train(data: str, out: str, flags: str = "", tasks: list[str] | None = None, 
                 argv[i] = f"{value:.3g}" if flag == "--lr" else str(max(1, round(value)))
         say(f"{name}: train.py {' '.join(argv)}")
         t, env = time.perf_counter(), {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        subprocess.run([*entry, *argv, "--resume"], check=True, env=env, **streams)  # a rerun goes on where it stopped
-        save_toy(os.path.join(out, name, "ema"))
-        steps = int(argv[argv.index("--steps") + 1])
-        while name == "s0-copy" and read and steps < MAX_COPY_STEPS * scale / k:
+        while True:
+            subprocess.run([*entry, *argv, "--resume"], check=True, env=env, **streams)  # a rerun goes on from there
+            save_toy(os.path.join(out, name, "ema"))
+            steps = int(argv[argv.index("--steps") + 1])
+            if name != "s0-copy" or not read or steps >= MAX_COPY_STEPS * scale / k:
+                break
             torch.set_num_threads(threads)
             strongest = reads_its_reference(os.path.join(out, name, "ema"), data)
             say(f"{name}: {steps} steps, the reference read {strongest:.2f}")
             if strongest >= read:
                 break
-            steps += max(1, round(1000 * scale / k))
-            argv[argv.index("--steps") + 1] = str(steps)
-            subprocess.run([*entry, *argv, "--resume"], check=True, env=env, **streams)
-            save_toy(os.path.join(out, name, "ema"))
+            argv[argv.index("--steps") + 1] = str(steps + max(1, round(1000 * scale / k)))
         say(f"{name}: {time.perf_counter() - t:.0f} s")
 
 
