@@ -45,9 +45,9 @@ VLM_SEED, VLM_PIXELS = 0, 56 * 56  # the frozen toy VLM is the same in every sta
 # The toy model pieces: frozen encoders with a structured deterministic init, the denoiser config
 
 
-def toy_flux_config(hidden: int = 64, heads: int = 2) -> flux.FluxConfig:
-    """2 double + 2 single blocks on 4x4 pixel patches, two heads (docs/toy.md), a guidance embedder fed 1.0 as in
-    FLUX.1-dev (so sample.py shifts the schedule as in training); RoPE splits a head as FLUX.1 does (16, 56, 56 of 128).
+def toy_flux_config(hidden: int = 96, heads: int = 3) -> flux.FluxConfig:
+    """2 double + 2 single blocks on 4x4 pixel patches, three heads of 32 (docs/toy.md), a guidance embedder fed 1.0
+    as in FLUX.1-dev (so sample.py shifts the schedule as in training); RoPE splits a head as FLUX.1 does (16, 56, 56).
     RoPE theta 8: on an 8x8 token grid, 5 of theta 10,000's 7 row frequencies turn by less than 0.6 rad in all."""
     head = hidden // heads
     if head * heads != hidden or head % 32:

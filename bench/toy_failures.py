@@ -2,11 +2,15 @@
 each failed held-out pair is put in the first class it fits.
 
     python bench/toy_failures.py FOLDER [FOLDER ...] [--data data/toy]
+    python bench/toy_failures.py --ceiling
 
 colour: fewer than 30% as many pixels of the named colour (outside the reference's shapes) as the target shape has;
 place: their centroid more than 4 px (|dy| + |dx|) from the target shape's; size: their count outside 0.6-1.6x the
 target's; kind: the best-fitting template (circle, square or triangle at that centroid, radius 3.3-5) is not the
 named kind; form: the right colour, place, size and kind, but the outline or the rest of the picture is off.
+`--ceiling`: no model; what the text-to-image metric gives a model that draws the named shape exactly as the data
+does (another draw of the cell's jitter and radius, which the words do not say), and one that draws it centred in the
+cell at radius 4.1 (the data's mean) or 5 (larger than any target).
 FOLDER: a toy export (toy.py train's <run>/<stage>/ema, or assets/toy). The pairs are sampled with other noise seeds
 than `toy.py eval` uses (42 + their index among these two tasks), so "ok" can differ from its table by a few points.
 """
@@ -46,17 +50,39 @@ def failure(r: dict, out: np.ndarray) -> str:
     return "kind" if max(fits)[1] not in r["text"].split() else "form"
 
 
+def ceiling(n: int = 900, seed: int = 0) -> None:
+    """The text-to-image success of exact drawings (see --ceiling above), over n targets of the data's distribution."""
+    rng, rows = np.random.default_rng(seed), Counter()
+    for i in range(n):
+        kind, cell, bg = T.SHAPES[i % 3], int(rng.integers(9)), str(rng.choice(list(T.BACKGROUNDS)))
+        (row, col), target = divmod(cell, 3), T.draw(bg, [T._random_shape(rng, kind, "red", cell)])
+        drawings = {"another draw": T._random_shape(rng, kind, "red", cell)}
+        for r in (4.1, 5):
+            drawings[f"centred, radius {r}"] = T.Shape(kind, "red", row, col, T.CELL[row], T.CELL[col], r)
+        for name, s in drawings.items():
+            rows[name, kind] += T.score("t2i", None, target, T.draw(bg, [s]))["success"] / (n / 3)
+    print("| drawing | " + " | ".join(T.SHAPES) + " |\n|---|---|---|---|")
+    for name in dict.fromkeys(name for name, _ in rows):
+        print(f"| {name} | " + " | ".join(f"{rows[name, k]:.0%}" for k in T.SHAPES) + " |")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+")
+    p.add_argument("folders", nargs="*")
     p.add_argument("--data", default="data/toy")
+    p.add_argument("--ceiling", action="store_true", help="the metric on exact drawings, no model (see above)")
     args = p.parse_args()
-    records = [r for r in T.load_records(args.data, "test") if r["task"] in ("t2i", "add")]
-    print("| model | task | pairs | ok | colour | place | size | kind | form |\n|---|---|---|---|---|---|---|---|---|")
-    for folder in args.folders:
-        model, encoders = toy.load_toy(folder)
-        outs = toy.outputs(model, encoders, records, progress=False)
-        for task in ("t2i", "add"):
-            c = Counter(failure(r, o) for r, o in zip(records, outs, strict=True) if r["task"] == task)
-            print(f"| {folder} | {task} | {sum(c.values())} | " + " | ".join(
-                str(c[k]) for k in ("ok", "colour", "place", "size", "kind", "form")) + " |", flush=True)
+    if not (args.folders or args.ceiling):
+        p.error("give one or more weights folders, or --ceiling")
+    if args.ceiling:
+        ceiling()
+    if args.folders:
+        records = [r for r in T.load_records(args.data, "test") if r["task"] in ("t2i", "add")]
+        print("| model | task | pairs | ok | colour | place | size | kind | form |\n" + "|---" * 9 + "|")
+        for folder in args.folders:
+            model, encoders = toy.load_toy(folder)
+            outs = toy.outputs(model, encoders, records, progress=False)
+            for task in ("t2i", "add"):
+                c = Counter(failure(r, o) for r, o in zip(records, outs, strict=True) if r["task"] == task)
+                print(f"| {folder} | {task} | {sum(c.values())} | " + " | ".join(
+                    str(c[k]) for k in ("ok", "colour", "place", "size", "kind", "form")) + " |", flush=True)

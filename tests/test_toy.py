@@ -56,8 +56,8 @@ def test_toy_vlm_cell_words_carry_the_rope_phase_of_their_cell():
 
 def test_flux_config_splits_each_head_like_flux():
     c = toy.toy_flux_config()
-    assert (c.num_heads, c.axes_dim) == (2, (4, 14, 14))  # two heads of 32: 1/8 index, 7/16 rows, 7/16 columns
-    assert toy.toy_flux_config(heads=1).axes_dim == (8, 28, 28)  # FLUX.1's (16, 56, 56) of 128, halved
+    assert (c.num_heads, c.axes_dim) == (3, (4, 14, 14))  # three heads of 32: 1/8 index, 7/16 rows, 7/16 columns
+    assert toy.toy_flux_config(hidden=64, heads=1).axes_dim == (8, 28, 28)  # FLUX.1's (16, 56, 56) of 128, halved
     flux.Flux(toy.toy_flux_config(hidden=128, heads=4))  # a valid split at any width
     with pytest.raises(ValueError, match="multiple of 32"):
         toy.toy_flux_config(heads=4)  # heads of 16 cannot be split into even RoPE widths
@@ -69,7 +69,8 @@ def test_dit_init_makes_every_block_the_identity_and_the_output_zero():
     torch.manual_seed(0)
     f = flux.Flux(toy.toy_flux_config())
     toy.dit_init(f)
-    img, txt, vec = torch.randn(2, 64, 64), torch.randn(2, 10, 64), torch.randn(2, 64)
+    d = f.config.hidden_size
+    img, txt, vec = torch.randn(2, 64, d), torch.randn(2, 10, d), torch.randn(2, d)  # 64 image tokens, 10 words
     pe = flux.rope(torch.zeros(2, 74, 3), f.config.axes_dim, f.config.theta)
     out = f.double_blocks[0](img, txt, vec, pe)
     assert torch.equal(out[0], img) and torch.equal(out[1], txt)
